@@ -1,0 +1,180 @@
+"""The server client: call another server of the graph by name.
+
+One shared aiohttp.ClientSession per process, sized from config (aiohttp's default limit of
+100 connections would silently cap concurrency). Names resolve through the head server. A
+server that lives in this process is called directly (local dispatch), with the same
+errors and retries as over HTTP. Every call has a timeout and bounded retries with
+exponential backoff and full jitter on connection errors, 429 and 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+
+from nemo_gym_cli.server import SESSION_HEADER, HTTPError
+
+if TYPE_CHECKING:
+    from nemo_gym_cli.server import BaseServer
+
+log = logging.getLogger("nemo_gym.client")
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, ConnectionError)
+
+
+class ServerCallError(Exception):
+    """A call that failed after its last try; names the server, URL and cause."""
+
+    def __init__(self, server: str, url: str, message: str, status: int | None = None, error_type: str | None = None):
+        self.server, self.url, self.status, self.message, self.error_type = server, url, status, message, error_type
+        what = f"HTTP {status}" if status else "connection failed"
+        super().__init__(f"{server} ({url}): {what}: {message}")
+
+
+def error_message(data: Any, fallback: str) -> str:
+    """The message of an OpenAI/vLLM/our `{"error": {...}}` body, or of vLLM's older `{"message"}`."""
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if data.get("message"):
+            return str(data["message"])
+        if data.get("detail"):
+            return str(data["detail"])
+    return fallback
+
+
+def make_http_session(http_config: dict | None = None, limit: int | None = None) -> aiohttp.ClientSession:
+    cfg = http_config or {}
+    connector = aiohttp.TCPConnector(
+        limit=limit if limit is not None else int(cfg.get("connector_limit", 4096)),
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=True,
+    )
+    timeout = aiohttp.ClientTimeout(total=float(cfg.get("timeout_s", 3600)), sock_connect=float(cfg.get("connect_timeout_s", 10)))
+    # orjson for bodies we send; responses are read as bytes and parsed with orjson too.
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(), cookie_jar=aiohttp.DummyCookieJar())
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
+    return random.uniform(0, min(cap, base * (2**attempt)))
+
+
+class ServerClient:
+    def __init__(self, http_config: dict | None = None, head_url: str | None = None, local_servers: dict[str, "BaseServer"] | None = None):
+        self.http_config = http_config or {}
+        self.head_url = head_url.rstrip("/") if head_url else None
+        self.local_servers: dict[str, BaseServer] = local_servers if local_servers is not None else {}
+        self.max_retries = int(self.http_config.get("max_retries", 3))
+        self.backoff_base = float(self.http_config.get("backoff_base_s", 0.25))
+        self.backoff_max = float(self.http_config.get("backoff_max_s", 8))
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, str] = {}
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The one shared client session of this process (created on first use, in the running loop)."""
+        if self._session is None or self._session.closed:
+            self._session = make_http_session(self.http_config)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    # ------------------------------------------------------------ name resolution
+    async def servers(self) -> list[dict]:
+        if not self.head_url:
+            raise ServerCallError("head server", "(none)", "no head server address configured")
+        return await self.request_json("GET", f"{self.head_url}/servers", server="head server", timeout_s=10)
+
+    async def url_of(self, name: str) -> str:
+        url = self._urls.get(name)
+        if url is None:
+            listing = await self.servers()
+            self._urls = {s["name"]: s["url"] for s in listing if s.get("url")}
+            url = self._urls.get(name)
+            if url is None:
+                known = ", ".join(sorted(s["name"] for s in listing)) or "none"
+                raise ServerCallError(name, self.head_url or "", f"no server named '{name}' is registered (known: {known})", 404)
+        return url
+
+    # ------------------------------------------------------------ calls
+    async def post(self, server: str, path: str, body: Any = None, *, session_id: str | None = None,
+                   headers: dict | None = None, timeout_s: float | None = None,
+                   retry_statuses: frozenset[int] = RETRY_STATUSES) -> Any:
+        local = self.local_servers.get(server)
+        if local is not None:
+            return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers)
+        url = await self.url_of(server) + path
+        if session_id:
+            headers = {**(headers or {}), SESSION_HEADER: session_id}
+        return await self.request_json("POST", url, body, headers=headers, server=server, timeout_s=timeout_s,
+                                       retry_statuses=retry_statuses)
+
+    async def get(self, server: str, path: str, *, timeout_s: float | None = None) -> Any:
+        local = self.local_servers.get(server)
+        if local is not None:
+            return await self._local_call(local, "GET", path, None, None, RETRY_STATUSES)
+        return await self.request_json("GET", await self.url_of(server) + path, server=server, timeout_s=timeout_s)
+
+    async def _local_call(self, server: "BaseServer", method: str, path: str, body: Any, session_id: str | None,
+                          retry_statuses: frozenset[int], headers: dict | None = None) -> Any:
+        # The JSON round trip gives the callee its own copy, exactly as HTTP would.
+        payload = orjson.loads(orjson.dumps(body)) if body is not None else {}
+        for attempt in range(self.max_retries + 1):
+            try:
+                return orjson.loads(orjson.dumps(await server.dispatch(method, path, payload, session_id, headers)))
+            except HTTPError as e:
+                status, message, etype = e.status, e.message, e.type
+            except Exception as e:
+                server.log.exception("%s %s failed", method, path)
+                status, message, etype = 500, f"{server.name}: {type(e).__name__}: {e}", "server_error"
+            if status not in retry_statuses or attempt == self.max_retries:
+                raise ServerCallError(server.name, f"local:{path}", message, status, etype)
+            await asyncio.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_max))
+        raise AssertionError("unreachable")
+
+    async def request_json(self, method: str, url: str, body: Any = None, *, headers: dict | None = None,
+                           server: str = "", timeout_s: float | None = None, retries: int | None = None,
+                           retry_statuses: frozenset[int] = RETRY_STATUSES) -> Any:
+        """One HTTP call with timeout and bounded retries; returns the parsed JSON body."""
+        retries = self.max_retries if retries is None else retries
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
+        data = orjson.dumps(body) if body is not None else None
+        hdrs = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers
+        for attempt in range(retries + 1):
+            try:
+                async with self.http.request(method, url, data=data, headers=hdrs, timeout=timeout) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+                try:
+                    parsed = orjson.loads(raw) if raw else None
+                except orjson.JSONDecodeError:
+                    parsed = None
+                    if status < 400:
+                        raise ServerCallError(server, url, f"response is not JSON: {raw[:200]!r}", status) from None
+                if status < 400:
+                    return parsed
+                message = error_message(parsed, raw[:500].decode(errors="replace"))
+                etype = parsed.get("error", {}).get("type") if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else None
+                if status not in retry_statuses or attempt == retries:
+                    raise ServerCallError(server, url, message, status, etype)
+            except CONNECTION_ERRORS as e:
+                if attempt == retries:
+                    cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                    if isinstance(e, asyncio.TimeoutError):
+                        cause = "timed out"
+                    raise ServerCallError(server, url, f"{cause} (after {retries + 1} tries)") from None
+            await asyncio.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_max))
+        raise AssertionError("unreachable")

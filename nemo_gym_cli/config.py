@@ -1,0 +1,514 @@
+"""Config composition: conf/ defaults < config_paths files < env.yaml < CLI overrides.
+
+We use Hydra's override *grammar* (so `+k=v`, `++k=v`, `~k`, lists and dicts parse exactly as
+NeMo Gym users type them) but not `@hydra.main`: no outputs/ folder, no chdir, no logging
+takeover, and `+k=v` works whether or not a default for `k` exists. The result is a plain,
+resolved dict: servers read it without OmegaConf on the hot path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+SERVER_TYPES = ("responses_api_models", "resources_servers", "responses_api_agents")
+MISSING = "???"
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, reported at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+    def render(self) -> str:
+        lines = [f"Config error{'s' if len(self.problems) > 1 else ''} ({len(self.problems)}):"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- secrets
+
+_SECRET_WORDS = ("api_key", "apikey", "secret", "password", "passwd")
+
+
+def is_secret_key(key: Any) -> bool:
+    """`api_key`, `hf_token`, `client_secret`... but not `max_tokens` or `prompt_token_ids`."""
+    k = str(key).lower().replace("-", "_")
+    return any(w in k for w in _SECRET_WORDS) or k == "token" or k.endswith("_token")
+
+
+def mask_secrets(obj: Any) -> Any:
+    """A copy of obj with every secret value replaced by '****'."""
+    if isinstance(obj, dict):
+        return {k: ("****" if is_secret_key(k) and v not in (None, "") else mask_secrets(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [mask_secrets(v) for v in obj]
+    return obj
+
+
+def secret_values(obj: Any) -> set[str]:
+    """Every secret string in a config, so log lines can be scrubbed of them."""
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if is_secret_key(k) and isinstance(v, str) and len(v) >= 4 and v != "EMPTY":
+                found.add(v)
+            else:
+                found |= secret_values(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            found |= secret_values(v)
+    return found
+
+
+# ---------------------------------------------------------------- URL lists
+
+
+def parse_url_list(value: Any) -> list[str]:
+    """`"http://a/v1, http://b/v1"` or a list -> list of URLs (whitespace stripped)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [u.strip() for u in value.split(",") if u.strip()]
+    return [str(u).strip() for u in value if str(u).strip()]
+
+
+def _normalize_url_lists(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {
+            k: (parse_url_list(v) if k == "base_url" and isinstance(v, str) and "," in v else _normalize_url_lists(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_normalize_url_lists(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- paths
+
+
+def resolve_path(path: str | os.PathLike, *, cwd: Path | None = None) -> Path | None:
+    """Relative paths resolve against the current directory first, then the project root."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p if p.exists() else None
+    for base in (cwd or Path.cwd(), PROJECT_ROOT):
+        if (base / p).exists():
+            return (base / p).resolve()
+    return None
+
+
+def search_roots(cwd: Path | None = None) -> list[Path]:
+    roots = [cwd or Path.cwd(), PROJECT_ROOT]
+    return [r for i, r in enumerate(roots) if r.resolve() not in [x.resolve() for x in roots[:i]]]
+
+
+# ---------------------------------------------------------------- CLI overrides
+
+
+@dataclass
+class Override:
+    kind: str  # "set" | "delete"
+    key: str
+    value: Any
+    text: str
+
+
+def parse_overrides(args: list[str]) -> list[Override]:
+    """Parse Hydra override syntax. A comma is part of the value (we never multirun)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, OverrideType
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    out, problems = [], []
+    for arg in args:
+        try:
+            ov = parser.parse_override(arg)
+        except HydraException as e:
+            problems.append(f"command line: cannot parse '{arg}': {str(e).splitlines()[0]}")
+            continue
+        if ov.type == OverrideType.DEL:
+            out.append(Override("delete", ov.key_or_group, None, arg))
+            continue
+        value = ov.value()
+        if isinstance(value, ChoiceSweep):
+            if not value.simple_form:
+                problems.append(f"command line: '{arg}': sweeps are not supported (we never multirun)")
+                continue
+            value = arg.split("=", 1)[1]  # `a,b` is one string, e.g. comma-separated URLs
+        elif ov.is_sweep_override():
+            problems.append(f"command line: '{arg}': sweeps are not supported (we never multirun)")
+            continue
+        out.append(Override("set", ov.key_or_group, value, arg))
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+# ---------------------------------------------------------------- YAML files
+
+
+def load_yaml(path: Path, what: str) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{what} {where}: YAML syntax error: {problem}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{what} {path}: cannot read: {e.strerror}"]) from None
+    if cfg is None:
+        return OmegaConf.create({})
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError([f"{what} {path}: expected a mapping at the top level, got a {type(cfg).__name__}"])
+    return cfg
+
+
+def _as_path_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [str(v) for v in value]
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    raise ConfigError([f"{where}: config_paths must be a list of paths, got {value!r}"])
+
+
+def _load_config_paths(paths: list[str], cwd: Path, problems: list[str]) -> list[tuple[Path, DictConfig]]:
+    """Each file's own config_paths are loaded before it, so the including file wins."""
+    loaded: list[tuple[Path, DictConfig]] = []
+    seen: set[Path] = set()
+
+    def visit(raw: str, included_from: str, stack: tuple[Path, ...]) -> None:
+        path = resolve_path(raw, cwd=cwd)
+        if path is None:
+            looked = ", ".join(str(r / raw) for r in search_roots(cwd)) if not Path(raw).is_absolute() else raw
+            problems.append(f"{included_from}: config path '{raw}' not found (looked in: {looked})")
+            return
+        if path in stack:
+            problems.append(f"{included_from}: config path '{raw}' includes itself (cycle)")
+            return
+        if path in seen:
+            return
+        seen.add(path)
+        try:
+            cfg = load_yaml(path, "config file")
+        except ConfigError as e:
+            problems.extend(e.problems)
+            return
+        nested = cfg.pop("config_paths", None) if "config_paths" in cfg else None
+        try:
+            for sub in _as_path_list(nested, f"{path}: config_paths"):
+                visit(sub, f"{path}: config_paths", stack + (path,))
+        except ConfigError as e:
+            problems.extend(e.problems)
+        loaded.append((path, cfg))
+
+    for raw in paths:
+        visit(raw, "config_paths", ())
+    return loaded
+
+
+def find_env_yaml(cwd: Path) -> Path | None:
+    for root in search_roots(cwd):
+        if (root / "env.yaml").is_file():
+            return root / "env.yaml"
+    return None
+
+
+# ---------------------------------------------------------------- composition
+
+
+@dataclass
+class Composed:
+    config: dict  # resolved, plain data, secrets intact
+    sources: dict[str, str] = field(default_factory=dict)  # top-level key -> where it was set last
+    cli_keys: list[str] = field(default_factory=list)
+    env_yaml: Path | None = None
+
+    @property
+    def servers(self) -> dict[str, "ServerSpec"]:
+        return server_specs(self.config)
+
+
+def compose(
+    args: list[str],
+    *,
+    command: str,
+    cwd: Path | None = None,
+    strict_cli: bool = False,
+    validate: bool = True,
+) -> Composed:
+    """Compose, resolve and (optionally) validate. Raises ConfigError listing every problem.
+
+    strict_cli: a command-line key must already be known (from conf/ defaults, env.yaml or
+    config files): `+concurency=10` is then an error with "did you mean", never ignored.
+    """
+    cwd = cwd or Path.cwd()
+    problems: list[str] = []
+    overrides = parse_overrides(args)
+
+    layers: list[tuple[str, DictConfig]] = []
+    for name in ("base.yaml", f"{command}.yaml"):
+        if (CONF_DIR / name).is_file():
+            layers.append((f"conf/{name}", load_yaml(CONF_DIR / name, "defaults")))
+
+    env_path = find_env_yaml(cwd)
+    env_cfg = load_yaml(env_path, "env file") if env_path else OmegaConf.create({})
+
+    # config_paths: the command line wins, then env.yaml, then defaults.
+    paths: Any = None
+    for ov in overrides:
+        if ov.kind == "set" and ov.key == "config_paths":
+            paths = ov.value
+    if paths is None and "config_paths" in env_cfg:
+        paths = env_cfg.config_paths
+    if paths is None:
+        for _, layer in layers:
+            if "config_paths" in layer:
+                paths = layer.config_paths
+    path_list = _as_path_list(OmegaConf.to_container(paths) if isinstance(paths, ListConfig) else paths, "config_paths")
+    for path, cfg in _load_config_paths(path_list, cwd, problems):
+        layers.append((str(path), cfg))
+    if env_path:
+        layers.append((str(env_path), env_cfg))
+
+    merged = OmegaConf.create({})
+    sources: dict[str, str] = {}
+    for where, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            problems.append(f"{where}: cannot merge: {e}")
+        for key in layer.keys():
+            sources[str(key)] = where
+    merged["config_paths"] = path_list
+
+    allowed_cli_keys = set(merged.keys()) | {"config_paths"} if strict_cli else None
+    cli_keys = []
+    for ov in overrides:
+        top = ov.key.split(".")[0]
+        cli_keys.append(top)
+        if allowed_cli_keys is not None and top not in allowed_cli_keys:
+            hint = difflib.get_close_matches(top, sorted(allowed_cli_keys), n=1)
+            problems.append(
+                f"command line: unknown option '{ov.text}'"
+                + (f" (did you mean '+{hint[0]}'?)" if hint else f" (known: {', '.join(sorted(allowed_cli_keys))})")
+            )
+            continue
+        if ov.key == "config_paths":
+            continue
+        try:
+            if ov.kind == "delete":
+                _delete_key(merged, ov.key)
+            else:
+                OmegaConf.update(merged, ov.key, ov.value, merge=True, force_add=True)
+        except (OmegaConfBaseException, KeyError) as e:
+            problems.append(f"command line: cannot apply '{ov.text}': {e}")
+        sources[top] = "command line"
+
+    resolved = _resolve_all(merged, sources, problems)
+    resolved = _normalize_url_lists(resolved)
+    composed = Composed(resolved, sources, cli_keys, env_path)
+    if validate and not problems:
+        problems.extend(validate_servers(resolved, sources, cwd))
+    if problems:
+        raise ConfigError(problems)
+    return composed
+
+
+def _delete_key(cfg: DictConfig, dotted: str) -> None:
+    parent_key, _, leaf = dotted.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if parent is None or leaf not in parent:
+        raise KeyError(f"'{dotted}' is not set")
+    del parent[leaf]
+
+
+def _how_to_set(key: str) -> str:
+    return f"set it in env.yaml ({key}: ...) or on the command line (+{key}=...)"
+
+
+def _resolve_all(cfg: DictConfig, sources: dict[str, str], problems: list[str]) -> dict:
+    """Resolve every value, collecting every missing one (`???` or an unset ${key}) at once."""
+
+    def where(path: str) -> str:
+        return sources.get(path.split(".")[0], "config")
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, DictConfig):
+            out = {}
+            for key in node.keys():
+                sub = f"{path}.{key}" if path else str(key)
+                try:
+                    child = node._get_node(key)
+                    if child._is_missing():
+                        top = sub.split(".")[0]
+                        hint = f"; {_how_to_set(sub)}" if top == sub else ""
+                        problems.append(f"{where(sub)}: '{sub}' is required but not set (???){hint}")
+                        continue
+                    if child._is_interpolation():
+                        value = node[key]
+                        out[key] = walk(value, sub) if isinstance(value, (DictConfig, ListConfig)) else value
+                    else:
+                        out[key] = walk(child, sub)
+                except MissingMandatoryValue as e:
+                    missing = _missing_key_from(e) or sub
+                    problems.append(f"{where(sub)}: '{sub}' needs '{missing}', which is not set; {_how_to_set(missing)}")
+                except InterpolationResolutionError as e:
+                    missing = _missing_key_from(e)
+                    if missing:
+                        problems.append(f"{where(sub)}: '{sub}' uses ${{{missing}}}, which is not set; {_how_to_set(missing)}")
+                    else:
+                        problems.append(f"{where(sub)}: '{sub}': {str(e).splitlines()[0]}")
+            return out
+        if isinstance(node, ListConfig):
+            out_list = []
+            for i in range(len(node)):
+                try:
+                    value = node[i]
+                except OmegaConfBaseException as e:
+                    problems.append(f"{where(path)}: '{path}[{i}]': {str(e).splitlines()[0]}")
+                    continue
+                out_list.append(walk(value, f"{path}[{i}]") if isinstance(value, (DictConfig, ListConfig)) else value)
+            return out_list
+        if hasattr(node, "_value"):
+            return node._value()
+        return node
+
+    return walk(cfg, "")
+
+
+def _missing_key_from(e: Exception) -> str | None:
+    import re
+
+    m = re.search(r"Interpolation key '([^']+)' not found", str(e))
+    if m:
+        return m.group(1)
+    m = re.search(r"Missing mandatory value: ?([\w.]+)", str(e))
+    return m.group(1) if m else None
+
+
+# ---------------------------------------------------------------- server graph
+
+
+@dataclass
+class ServerSpec:
+    name: str  # instance name, e.g. policy_model
+    server_type: str  # responses_api_models | resources_servers | responses_api_agents
+    impl: str  # folder name, e.g. vllm_model
+    config: dict  # the fields under <impl>
+    folder: Path | None = None  # resolved impl folder
+
+    @property
+    def module(self) -> str:
+        return f"{self.server_type}.{self.impl}.{Path(self.config.get('entrypoint', 'app.py')).stem}"
+
+
+def _looks_like_server(value: Any) -> bool:
+    """{<type>: {<impl>: {...}}}: one key, whose value is one dict of dicts."""
+    return (
+        isinstance(value, dict)
+        and len(value) == 1
+        and isinstance(next(iter(value.values())), dict)
+        and len(next(iter(value.values()))) == 1
+        and isinstance(next(iter(next(iter(value.values())).values())), dict)
+    )
+
+
+def server_specs(config: dict) -> dict[str, ServerSpec]:
+    specs = {}
+    for name, value in config.items():
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SERVER_TYPES:
+            server_type, impls = next(iter(value.items()))
+            if isinstance(impls, dict) and len(impls) == 1:
+                impl, fields = next(iter(impls.items()))
+                if isinstance(fields, dict):
+                    specs[name] = ServerSpec(name, server_type, impl, fields, find_impl_folder(server_type, impl))
+    return specs
+
+
+def find_impl_folder(server_type: str, impl: str, cwd: Path | None = None) -> Path | None:
+    for root in search_roots(cwd):
+        folder = root / server_type / impl
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _iter_refs(obj: Any, path: str):
+    if isinstance(obj, dict):
+        if set(obj.keys()) == {"type", "name"} and obj.get("type") in SERVER_TYPES:
+            yield path, obj["type"], obj["name"]
+            return
+        if "type" in obj and "name" in obj and obj.get("type") in SERVER_TYPES:
+            yield path, obj["type"], obj["name"]
+        for k, v in obj.items():
+            yield from _iter_refs(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _iter_refs(v, f"{path}[{i}]")
+
+
+def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = None) -> list[str]:
+    problems = []
+    specs = server_specs(config)
+    for name, value in config.items():
+        if name in specs or not _looks_like_server(value):
+            continue
+        server_type = next(iter(value))
+        if server_type not in SERVER_TYPES:
+            hint = difflib.get_close_matches(server_type, SERVER_TYPES, n=1)
+            problems.append(
+                f"{sources.get(name, 'config')}: '{name}': unknown server type '{server_type}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(SERVER_TYPES)})")
+            )
+    for name, spec in specs.items():
+        where = sources.get(name, "config")
+        key = f"{name}.{spec.server_type}.{spec.impl}"
+        folder = find_impl_folder(spec.server_type, spec.impl, cwd)
+        if folder is None:
+            existing = sorted(
+                {p.name for r in search_roots(cwd) if (r / spec.server_type).is_dir() for p in (r / spec.server_type).iterdir() if p.is_dir() and not p.name.startswith("_")}
+            )
+            hint = difflib.get_close_matches(spec.impl, existing, n=1)
+            problems.append(
+                f"{where}: '{key}': no folder '{spec.server_type}/{spec.impl}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else f" (available: {', '.join(existing) or 'none'})")
+            )
+        elif "entrypoint" not in spec.config:
+            problems.append(f"{where}: '{key}': missing 'entrypoint' (e.g. entrypoint: app.py)")
+        elif not (folder / str(spec.config["entrypoint"])).is_file():
+            problems.append(f"{where}: '{key}.entrypoint': file '{folder / str(spec.config['entrypoint'])}' not found")
+        for path, ref_type, ref_name in _iter_refs(spec.config, key):
+            target = specs.get(ref_name)
+            if target is not None and target.server_type == ref_type:
+                continue
+            same_type = sorted(n for n, s in specs.items() if s.server_type == ref_type)
+            hint = difflib.get_close_matches(str(ref_name), same_type, n=1)
+            msg = f"{where}: '{path}' refers to {ref_type} server '{ref_name}', which is not in the config"
+            if target is not None:
+                msg += f" ('{ref_name}' is a {target.server_type} server)"
+            elif hint:
+                msg += f" (did you mean '{hint[0]}'?)"
+            else:
+                msg += f" (defined {ref_type} servers: {', '.join(same_type) or 'none'}; did you forget a config path?)"
+            problems.append(msg)
+    return problems
+
+
+def dump_yaml(config: dict) -> str:
+    return yaml.safe_dump(mask_secrets(config), sort_keys=False, default_flow_style=False, allow_unicode=True)

@@ -1,0 +1,66 @@
+"""Build server instances from their specs and serve them on their own ports."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from nemo_gym_cli.client import ServerClient
+from nemo_gym_cli.config import ServerSpec
+from nemo_gym_cli.server import BaseServer
+
+
+def load_server_class(spec: ServerSpec) -> type[BaseServer]:
+    """The BaseServer subclass defined in `<server_type>/<impl>/<entrypoint>`."""
+    if spec.folder is not None:
+        root = str(spec.folder.parent.parent)
+        if root not in sys.path:
+            sys.path.insert(0, root)  # a user's own environment folder in the current directory
+    module = importlib.import_module(spec.module)
+    classes = [
+        obj for obj in vars(module).values()
+        if inspect.isclass(obj) and issubclass(obj, BaseServer) and obj.__module__ == module.__name__ and not inspect.isabstract(obj)
+    ]
+    if len(classes) != 1:
+        names = ", ".join(c.__name__ for c in classes) or "none"
+        raise TypeError(f"{spec.module}: expected exactly one BaseServer subclass, found {names}")
+    return classes[0]
+
+
+def build_server(spec: ServerSpec, global_config: dict, client: ServerClient) -> BaseServer:
+    cls = load_server_class(spec)
+    server = cls(spec.name, spec.config, global_config=global_config, client=client)
+    server.server_type = spec.server_type
+    return server
+
+
+def bind_address(spec: ServerSpec, global_config: dict) -> tuple[str, int]:
+    host = spec.config.get("host") or global_config.get("default_host") or "127.0.0.1"
+    return str(host), int(spec.config.get("port") or 0)
+
+
+@dataclass
+class RunningServer:
+    server: BaseServer
+    runner: web.AppRunner
+    url: str
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        await self.server.on_shutdown()
+
+
+async def serve(server: BaseServer, host: str, port: int) -> RunningServer:
+    """Start the server's hooks and bind its port (0 = any free port); returns its URL."""
+    await server.on_startup()
+    runner = web.AppRunner(server.make_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    await site.start()
+    bound = runner.addresses[0][1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return RunningServer(server, runner, f"http://{shown}:{bound}")

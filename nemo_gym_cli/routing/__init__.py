@@ -1,0 +1,12 @@
+"""Session routing across many vLLM backends (see DESIGN.md section 5)."""
+
+from .backend import Backend
+from .policies import POLICIES, Policy, make_policy
+from .router import (UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, BackendUnavailable, NoHealthyBackend,
+                     Router)
+from .sessions import SessionTable
+
+__all__ = [
+    "POLICIES", "UNAVAILABLE_EXCEPTIONS", "UNAVAILABLE_STATUSES", "Backend", "BackendUnavailable",
+    "NoHealthyBackend", "Policy", "Router", "SessionTable", "make_policy",
+]

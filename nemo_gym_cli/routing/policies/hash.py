@@ -1,0 +1,32 @@
+"""Stable hash of the session id over the backends; if that one is down, the next healthy one
+in ring order. Stable across processes and restarts (crc32, not Python's salted ``hash()``)."""
+
+from __future__ import annotations
+
+import zlib
+
+from ..backend import Backend
+from .base import Policy
+
+
+class Hash(Policy):
+    name = "hash"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0  # for calls with neither a session id nor a group key
+
+    def choose(self, healthy: list[Backend], session_id: str | None, group_key: str | None) -> Backend:
+        key = session_id if session_id is not None else group_key
+        ring = self.backends or healthy
+        if key is None:
+            i = self._next % len(healthy)
+            self._next = i + 1
+            return healthy[i]
+        n = len(ring)
+        start = zlib.crc32(key.encode()) % n
+        for i in range(start, start + n):
+            b = ring[i % n]
+            if b.healthy:
+                return b
+        return healthy[0]  # unreachable while the Router passes a non-empty healthy list

@@ -1,0 +1,254 @@
+"""Session router over many vLLM backends: sticky sessions, load-aware placement, passive +
+active health checks and failover. Single asyncio loop, no locks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from . import metrics as _metrics
+from .backend import Backend
+from .groups import GroupAffinity
+from .policies import Policy, make_policy
+from .sessions import SessionTable
+
+T = TypeVar("T")
+
+# What an ``attempt`` should turn into BackendUnavailable (the backend refused, reset or timed out).
+UNAVAILABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError)
+UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
+
+
+class BackendUnavailable(Exception):
+    """The backend refused the connection, reset it, timed out, or answered 502/503/504."""
+
+
+class NoHealthyBackend(BackendUnavailable):
+    """No backend came back within ``wait_for_backend_s``."""
+
+
+class Router:
+    """Routes each call of a session to one backend, chosen once by the policy.
+
+    ``call(session_id, attempt)`` runs ``await attempt(backend)``; if that raises
+    BackendUnavailable the backend is marked down and probed, the session is re-pinned to
+    another healthy backend and the attempt is retried there. Any other exception propagates.
+    """
+
+    def __init__(
+        self,
+        base_urls: list[str],
+        *,
+        policy: str = "least_loaded",
+        session_ttl_s: float = 1800.0,
+        max_sessions: int = 100_000,
+        group_affinity: bool = True,
+        group_affinity_slack: int = 4,
+        probe_interval_s: float = 0.5,
+        probe_timeout_s: float = 2.0,
+        max_failovers: int | None = None,
+        wait_for_backend_s: float = 30.0,
+        http_session: Callable[[], aiohttp.ClientSession],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if isinstance(base_urls, str):
+            base_urls = base_urls.split(",")
+        urls = [u.strip().rstrip("/") for u in base_urls if u and u.strip()]
+        if not urls:
+            raise ValueError("Router needs at least one backend URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"duplicate backend URLs: {urls}")
+        if probe_interval_s <= 0 or probe_timeout_s <= 0:
+            raise ValueError("probe_interval_s and probe_timeout_s must be > 0")
+        if wait_for_backend_s < 0:
+            raise ValueError(f"wait_for_backend_s must be >= 0, got {wait_for_backend_s}")
+        if max_failovers is not None and max_failovers < 0:
+            raise ValueError(f"max_failovers must be >= 0, got {max_failovers}")
+        self.backends = [Backend(u, i) for i, u in enumerate(urls)]
+        self.policy: Policy = make_policy(policy)
+        self.policy.bind(self.backends)
+        on_result = type(self.policy).on_result
+        self._on_result = self.policy.on_result if on_result is not Policy.on_result else None
+        self.sessions = SessionTable(session_ttl_s, max_sessions)
+        self.groups = GroupAffinity(group_affinity_slack, max_sessions) if group_affinity else None
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.max_failovers = len(self.backends) if max_failovers is None else max_failovers
+        self.wait_for_backend_s = wait_for_backend_s
+        self._http_session = http_session
+        self._healthy: list[Backend] = list(self.backends)
+        self._up = asyncio.Event()
+        self._up.set()
+        self._closed = False
+        if registry is not None:
+            _metrics.register(registry, self.backends, self._session_count)
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    async def call(self, session_id: str | None, attempt: Callable[[Backend], Awaitable[T]], *,
+                   group_key: str | None = None) -> T:
+        backend = self._route(session_id, group_key)
+        deadline = None
+        failovers = 0
+        while True:
+            if backend is None:
+                if deadline is None:
+                    deadline = time.monotonic() + self.wait_for_backend_s
+                await self._wait_for_healthy(deadline)
+                backend = self._route(session_id, group_key)
+                continue
+            backend.in_flight += 1
+            t0 = time.perf_counter()
+            try:
+                result = await attempt(backend)
+            except BackendUnavailable as e:
+                backend.in_flight -= 1
+                self._record(backend, "unavailable", time.perf_counter() - t0)
+                self._mark_down(backend, e)
+                if failovers >= self.max_failovers:
+                    raise
+                failovers += 1
+                backend.failovers += 1
+                if backend.metrics is not None:
+                    backend.metrics.failovers.inc()
+                backend = self._route(session_id, group_key)
+                continue
+            except Exception:
+                backend.in_flight -= 1
+                self._record(backend, "error", time.perf_counter() - t0)
+                raise
+            except BaseException:  # cancelled: not the backend's outcome
+                backend.in_flight -= 1
+                raise
+            backend.in_flight -= 1
+            self._record(backend, "ok", time.perf_counter() - t0)
+            return result
+
+    def release(self, session_id: str | None) -> None:
+        """Forget a session (rollout end). Unknown ids and None are ignored."""
+        if session_id is not None:
+            self.sessions.release(session_id)
+
+    def _route(self, session_id: str | None, group_key: str | None) -> Backend | None:
+        """Pinned backend if healthy; else group affinity, then the policy (and pin). None if
+        no backend is healthy."""
+        if session_id is not None:
+            backend = self.sessions.get(session_id)
+            if backend is not None and backend.healthy:
+                return backend
+        healthy = self._healthy
+        if not healthy:
+            return None
+        backend = None
+        groups = self.groups
+        if groups is not None and group_key is not None:
+            backend = groups.pick(group_key, healthy)
+            if backend is None:
+                backend = self.policy.choose(healthy, session_id, group_key)
+                groups.remember(group_key, backend)
+        else:
+            backend = self.policy.choose(healthy, session_id, group_key)
+        if session_id is not None:
+            self.sessions.pin(session_id, backend)
+        return backend
+
+    def _record(self, backend: Backend, outcome: str, latency_s: float) -> None:
+        backend.requests[outcome] += 1
+        if outcome != "unavailable":
+            backend.latency_sum_s += latency_s
+        m = backend.metrics
+        if m is not None:
+            m.requests[outcome].inc()
+            m.seconds.observe(latency_s)
+        if self._on_result is not None:
+            self._on_result(backend, outcome == "ok", latency_s)
+
+    # -- health -------------------------------------------------------------------------------
+
+    def _mark_down(self, backend: Backend, error: BaseException) -> None:
+        if not backend.healthy:
+            return
+        backend.healthy = False
+        text = str(error)
+        backend.down_reason = text if text and type(error) is BackendUnavailable else (
+            f"{type(error).__name__}: {text}" if text else type(error).__name__)
+        backend.probe_error = None
+        self._healthy = [b for b in self.backends if b.healthy]
+        if not self._healthy:
+            self._up.clear()
+        if not self._closed and backend.probe_task is None:
+            backend.probe_task = asyncio.get_running_loop().create_task(
+                self._probe(backend), name=f"probe {backend.root_url}")
+
+    def _mark_up(self, backend: Backend) -> None:
+        if backend.healthy:
+            return
+        backend.healthy = True
+        backend.down_reason = backend.probe_error = None
+        self._healthy = [b for b in self.backends if b.healthy]
+        self._up.set()
+
+    async def _probe(self, backend: Backend) -> None:
+        """GET <root>/health every probe_interval_s until it answers 200, then mark it up."""
+        url = backend.root_url + "/health"
+        timeout = aiohttp.ClientTimeout(total=self.probe_timeout_s)
+        try:
+            while not backend.healthy and not self._closed:
+                await asyncio.sleep(self.probe_interval_s)
+                try:
+                    async with self._http_session().get(url, timeout=timeout) as resp:
+                        if resp.status == 200:
+                            self._mark_up(backend)
+                            return
+                        backend.probe_error = f"GET /health -> HTTP {resp.status}"
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any failure just means "still down"
+                    backend.probe_error = f"GET /health -> {type(e).__name__}: {e}".rstrip(": ")
+        finally:
+            backend.probe_task = None
+
+    async def _wait_for_healthy(self, deadline: float) -> None:
+        """Wait (bounded) until some backend is healthy; else raise NoHealthyBackend."""
+        while not self._healthy:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed:
+                raise NoHealthyBackend(self._no_healthy_message())
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._up.wait()
+            except TimeoutError:
+                raise NoHealthyBackend(self._no_healthy_message()) from None
+
+    def _no_healthy_message(self) -> str:
+        lines = "; ".join(f"{b.url}: {b.why_down()}" for b in self.backends)
+        return f"no healthy backend after waiting {self.wait_for_backend_s:g}s: {lines}"
+
+    # -- introspection and shutdown -----------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        self.sessions.expire()
+        return {
+            "policy": self.policy.name,
+            "sessions": len(self.sessions),
+            "groups": len(self.groups) if self.groups is not None else 0,
+            "backends": [b.snapshot() for b in self.backends],
+        }
+
+    def _session_count(self) -> int:
+        self.sessions.expire()
+        return len(self.sessions)
+
+    async def close(self) -> None:
+        """Stop the probe tasks. The http session belongs to the caller and stays open."""
+        self._closed = True
+        tasks = [b.probe_task for b in self.backends if b.probe_task is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

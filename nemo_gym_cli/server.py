@@ -1,0 +1,198 @@
+"""The server base class: every box of the graph is one of these.
+
+A subclass declares routes with `@route("/path")`; a handler takes the parsed JSON body and a
+RequestContext and returns JSON-compatible data (or raises HTTPError). The same handler is
+served over HTTP by aiohttp and called directly by a client in the same process (local
+dispatch), so both paths behave the same. Everything generic lives here: /health, /metrics,
+orjson bodies, JSON errors without tracebacks, the session id of the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from nemo_gym_cli.client import ServerClient
+
+log = logging.getLogger("nemo_gym")
+disable_created_metrics()  # the *_created series are noise in every scrape
+
+SESSION_HEADER = "X-Session-ID"
+GROUP_HEADER = "X-Group-ID"  # the repeats of one prompt: the router may place them together
+SESSION_COOKIE = "ng_session_id"  # a plain HTTP client with a cookie jar keeps its session
+JSON = "application/json"
+
+Handler = Callable[[Any, "RequestContext"], Awaitable[Any]]
+
+
+class HTTPError(Exception):
+    """Raise from a handler to answer with a JSON error: {"error": {"message", "type"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", extra: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.extra = status, message, type, extra or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, **self.extra}}
+
+
+class RequestContext:
+    __slots__ = ("session_id", "headers")
+
+    def __init__(self, session_id: str | None, headers: Any = None):
+        self.session_id = session_id
+        self.headers = headers or {}
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+def route(path: str, method: str = "POST"):
+    """Mark a method of a BaseServer subclass as the handler of `METHOD path`."""
+
+    def mark(fn):
+        fn._ng_route = (method.upper(), path)
+        return fn
+
+    return mark
+
+
+def require(body: Any, key: str, kind: type | tuple[type, ...] = object, where: str = "request body") -> Any:
+    """Edge validation with a clear 400 instead of pydantic."""
+    if not isinstance(body, dict):
+        raise HTTPError(400, f"{where} must be a JSON object, got {type(body).__name__}")
+    if key not in body:
+        raise HTTPError(400, f"{where}: missing required field '{key}'")
+    value = body[key]
+    if kind is not object and not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise HTTPError(400, f"{where}: field '{key}' must be {names}, got {type(value).__name__}")
+    return value
+
+
+class BaseServer:
+    server_type: ClassVar[str] = ""
+
+    def __init__(self, name: str, config: dict, *, global_config: dict | None = None, client: "ServerClient | None" = None):
+        self.name = name
+        self.config = config
+        self.global_config = global_config or {}
+        self.client = client
+        self.log = logging.getLogger(f"nemo_gym.{name}")
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter("ng_server_requests", "Requests handled", ["route", "status"], registry=self.registry)
+        self._latency = Histogram("ng_server_request_seconds", "Handler latency", ["route"], registry=self.registry,
+                                  buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60, 600))
+        self.routes: dict[tuple[str, str], Handler] = {("GET", "/health"): self.health}
+        for cls in reversed(type(self).__mro__):
+            for attr, fn in vars(cls).items():
+                if hasattr(fn, "_ng_route"):
+                    self.routes[fn._ng_route] = getattr(self, attr)
+        self._route_metrics = {key: (self._latency.labels(key[1]), {}) for key in self.routes}
+
+    # ------------------------------------------------------------ lifecycle hooks
+    async def on_startup(self) -> None:
+        """Open connections, load data. Called before the server takes requests."""
+
+    async def on_shutdown(self) -> None:
+        """Close what on_startup opened."""
+
+    async def health(self, body: Any, ctx: RequestContext) -> Any:
+        return {"status": "ok", "name": self.name}
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def config_field(self, key: str, kind: type | tuple[type, ...] = object, default: Any = ...) -> Any:
+        """A field of this server's config; a missing or mistyped one names the key."""
+        if key not in self.config or self.config[key] is None:
+            if default is ...:
+                raise ValueError(f"server '{self.name}': config field '{key}' is required")
+            return default
+        value = self.config[key]
+        if kind is not object and not isinstance(value, kind):
+            raise ValueError(f"server '{self.name}': config field '{key}' must be {kind}, got {value!r}")
+        return value
+
+    # ------------------------------------------------------------ local dispatch
+    async def dispatch(self, method: str, path: str, body: Any, session_id: str | None, headers: dict | None = None) -> Any:
+        """Call a handler without HTTP. Raises HTTPError exactly as the HTTP path answers."""
+        handler = self.routes.get((method, path))
+        if handler is None:
+            raise HTTPError(404 if not any(p == path for _, p in self.routes) else 405,
+                            f"{self.name}: no route {method} {path}", "not_found")
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            return await handler(body, RequestContext(session_id, headers))
+        except HTTPError as e:
+            status = e.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self._observe((method, path), status, time.perf_counter() - t0)
+
+    def _observe(self, key: tuple[str, str], status: int, seconds: float) -> None:
+        hist, counters = self._route_metrics[key]
+        hist.observe(seconds)
+        counter = counters.get(status)
+        if counter is None:
+            counter = counters[status] = self._requests.labels(key[1], str(status))
+        counter.inc()
+
+    # ------------------------------------------------------------ HTTP
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=1024**3)
+        for (method, path), handler in self.routes.items():
+            app.router.add_route(method, path, self._http_handler((method, path), handler))
+        app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        return app
+
+    def _http_handler(self, key: tuple[str, str], handler: Handler):
+        async def handle(request: web.Request) -> web.StreamResponse:
+            t0 = time.perf_counter()
+            session_id = request.headers.get(SESSION_HEADER) or request.cookies.get(SESSION_COOKIE)
+            minted = session_id is None
+            if minted:
+                session_id = new_session_id()
+            try:
+                raw = await request.read()
+                try:
+                    body = orjson.loads(raw) if raw else {}
+                except orjson.JSONDecodeError as e:
+                    raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+                result = await handler(body, RequestContext(session_id, request.headers))
+                response = web.Response(body=orjson.dumps(result), content_type=JSON)
+            except HTTPError as e:
+                response = web.Response(status=e.status, body=orjson.dumps(e.body()), content_type=JSON)
+            except Exception as e:  # full traceback in our log, never to the client
+                self.log.exception("%s %s failed", request.method, request.path)
+                err = HTTPError(500, f"{self.name}: {type(e).__name__}: {e}", "server_error")
+                response = web.Response(status=500, body=orjson.dumps(err.body()), content_type=JSON)
+            if minted:
+                response.set_cookie(SESSION_COOKIE, session_id, httponly=True)
+            self._observe(key, response.status, time.perf_counter() - t0)
+            return response
+
+        return handle
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics_text(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        known = sorted({p for _, p in self.routes} | {"/metrics"})
+        status = 405 if request.path in known else 404
+        err = HTTPError(status, f"{self.name}: no route {request.method} {request.path} (routes: {', '.join(known)})", "not_found")
+        return web.Response(status=status, body=orjson.dumps(err.body()), content_type=JSON)

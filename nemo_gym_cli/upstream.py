@@ -1,0 +1,111 @@
+"""Calls from a model adapter to its OpenAI-compatible upstream(s) (vLLM servers, OpenAI).
+
+One Router over the configured base URLs (sticky sessions, load-aware placement, failover);
+each attempt has a timeout; 429 and 500 are retried on the same backend with backoff, while
+refused/reset/timed-out connections and 502/503/504 fail over to another backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+
+from nemo_gym_cli.client import backoff_delay, error_message
+from nemo_gym_cli.config import parse_url_list
+from nemo_gym_cli.routing import UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router
+from nemo_gym_cli.server import GROUP_HEADER, SESSION_HEADER, BaseServer, HTTPError, RequestContext
+
+CONNECTION_FAILURES = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+RETRY_SAME_BACKEND = frozenset({429, 500})
+
+
+class UpstreamError(Exception):
+    """The upstream answered with an error that is the request's fault (4xx) or persisted (5xx)."""
+
+    def __init__(self, status: int, message: str, backend: str):
+        super().__init__(f"{backend}: HTTP {status}: {message}")
+        self.status, self.message, self.backend = status, message, backend
+
+
+class Upstream:
+    """The fields of a model adapter's config that say where and how to call the model."""
+
+    def __init__(self, server: BaseServer):
+        cfg = server.config
+        self.server = server
+        urls = parse_url_list(cfg.get("base_url"))
+        if not urls:
+            raise ValueError(f"server '{server.name}': config field 'base_url' is empty (set policy_base_url / judge_base_url)")
+        api_key = cfg.get("api_key")
+        self.headers = {"Content-Type": "application/json"}
+        if api_key and api_key != "EMPTY":
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = aiohttp.ClientTimeout(total=float(cfg.get("timeout_s", 600)),
+                                             sock_connect=float(cfg.get("connect_timeout_s", 10)))
+        self.max_retries = int(cfg.get("max_retries", 3))
+        self.router = Router(
+            urls,
+            policy=str(cfg.get("routing_policy", "least_loaded")),
+            session_ttl_s=float(cfg.get("session_ttl_s", 1800)),
+            max_sessions=int(cfg.get("max_sessions", 100_000)),
+            group_affinity=bool(cfg.get("group_affinity", True)),
+            group_affinity_slack=int(cfg.get("group_affinity_slack", 4)),
+            probe_interval_s=float(cfg.get("probe_interval_s", 0.5)),
+            wait_for_backend_s=float(cfg.get("wait_for_backend_s", 30)),
+            http_session=lambda: server.client.http,
+            registry=server.registry,
+        )
+
+    async def post(self, path: str, payload: Any, *, session_id: str | None, group_key: str | None = None,
+                   at_root: bool = False) -> tuple[Any, Backend]:
+        """POST to `<base_url><path>` (or `<root_url><path>`, e.g. vLLM's /tokenize) of the
+        session's backend; returns (parsed JSON, backend)."""
+        data = orjson.dumps(payload)
+        headers = {**self.headers, SESSION_HEADER: session_id} if session_id else self.headers
+
+        async def attempt(backend: Backend) -> tuple[Any, Backend]:
+            url = (backend.root_url if at_root else backend.url) + path
+            for retry in range(self.max_retries + 1):
+                try:
+                    async with self.server.client.http.post(url, data=data, headers=headers, timeout=self.timeout) as resp:
+                        raw = await resp.read()
+                        status = resp.status
+                except CONNECTION_FAILURES as e:
+                    raise BackendUnavailable(f"{type(e).__name__}: {e}".rstrip(": ")) from None
+                if status < 400:
+                    return orjson.loads(raw), backend
+                if status in UNAVAILABLE_STATUSES:
+                    raise BackendUnavailable(f"HTTP {status}")
+                if status not in RETRY_SAME_BACKEND or retry == self.max_retries:
+                    try:
+                        parsed = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        parsed = None
+                    raise UpstreamError(status, error_message(parsed, raw[:500].decode(errors="replace")), backend.url)
+                await asyncio.sleep(backoff_delay(retry, 0.25, 4.0))
+            raise AssertionError("unreachable")
+
+        return await self.router.call(session_id, attempt, group_key=group_key)
+
+    async def call(self, ctx: RequestContext, path: str, payload: Any, *, at_root: bool = False) -> Any:
+        """post() for a request handler: the session and group of the request, errors as HTTPError
+        (the upstream's status and message; 503 when no backend could take it)."""
+        group = ctx.headers.get(GROUP_HEADER) if ctx.headers else None
+        name = self.server.name
+        try:
+            data, _ = await self.post(path, payload, session_id=ctx.session_id, group_key=group, at_root=at_root)
+            return data
+        except BackendUnavailable as e:
+            raise HTTPError(503, f"{name}: no upstream server could take the request: {e}", "upstream_unavailable") from None
+        except UpstreamError as e:
+            raise HTTPError(e.status, f"{name}: upstream {e.backend} answered HTTP {e.status}: {e.message}",
+                            "upstream_error") from None
+
+    def release(self, session_id: str | None) -> None:
+        self.router.release(session_id)
+
+    async def close(self) -> None:
+        await self.router.close()

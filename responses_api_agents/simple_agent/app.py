@@ -1,0 +1,140 @@
+"""simple_agent: call the model, run its tool calls against the resources server, repeat.
+
+/v1/responses runs one episode and returns a Response whose `output` is every item of the
+episode. /run = /seed_session -> episode -> /verify, all under one session id, then the
+model's session is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from nemo_gym_cli.client import ServerCallError
+from nemo_gym_cli.server import GROUP_HEADER, HTTPError, RequestContext, new_session_id, require, route
+from nemo_gym_cli.servers import ResponsesAPIAgent
+
+HARD_STEP_CAP = 100  # an episode that never ends (e.g. reasoning forever) stops here
+
+
+def _ref_name(config: dict, key: str, server_name: str) -> str:
+    ref = config.get(key)
+    if not isinstance(ref, dict) or not ref.get("name"):
+        raise ValueError(f"server '{server_name}': config field '{key}' must be a ref {{type: ..., name: ...}}")
+    return str(ref["name"])
+
+
+def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
+    """Sum token counts over the turns of an episode (nested *_details too)."""
+    if not usage:
+        return total
+    if total is None:
+        return orjson.loads(orjson.dumps(usage))
+    for key, value in usage.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+        elif isinstance(value, dict):
+            total[key] = _add_usage(total.get(key) or {}, value)
+    return total
+
+
+def _has_answer(output: list[dict]) -> bool:
+    for item in output:
+        if item.get("type") == "message" and item.get("role", "assistant") == "assistant":
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and part.get("text"):
+                    return True
+    return False
+
+
+class SimpleAgent(ResponsesAPIAgent):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_server = _ref_name(self.config, "model_server", self.name)
+        self.resources_server = _ref_name(self.config, "resources_server", self.name)
+        max_steps = self.config.get("max_steps")
+        self.max_steps = int(max_steps) if max_steps else None
+        self.step_cap = min(self.max_steps or HARD_STEP_CAP, int(self.config.get("hard_step_cap", HARD_STEP_CAP)))
+        self._releases: set[asyncio.Task] = set()  # keep fire-and-forget tasks referenced
+
+    @route("/v1/responses")
+    async def responses(self, body: Any, ctx: RequestContext) -> Any:
+        if not isinstance(body, dict):
+            raise HTTPError(400, "request body must be a JSON object (Responses create params)")
+        return await self._episode(body, ctx.session_id, ctx.headers.get(GROUP_HEADER) if ctx.headers else None)
+
+    @route("/run")
+    async def run(self, body: Any, ctx: RequestContext) -> Any:
+        params = require(body, "responses_create_params", dict, where="dataset row")
+        session_id = new_session_id()  # one rollout = one session
+        group = body.get("_ng_task_index")
+        group = None if group is None else f"{self.name}:{group}"
+        try:
+            await self._call(self.resources_server, "/seed_session", body, session_id)
+            response = await self._episode(params, session_id, group)
+            return await self._call(self.resources_server, "/verify", {**body, "response": response}, session_id)
+        finally:
+            task = asyncio.create_task(self._release(session_id))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release(self, session_id: str) -> None:
+        try:
+            await self.client.post(self.model_server, "/release_session", {}, session_id=session_id, retry_statuses=frozenset())
+        except ServerCallError:
+            pass  # best effort: the model's session table also expires idle sessions
+
+    async def _call(self, server: str, path: str, body: Any, session_id: str | None, group: str | None = None) -> Any:
+        try:
+            return await self.client.post(server, path, body, session_id=session_id,
+                                          headers={GROUP_HEADER: group} if group else None)
+        except ServerCallError as e:
+            status = e.status if e.status and e.status >= 400 else 502
+            raise HTTPError(status, f"{self.name}: {path} on {server} failed: {e.message}", e.error_type or "upstream_error") from None
+
+    async def _episode(self, params: dict, session_id: str | None, group: str | None) -> dict:
+        original_input = params.get("input", [])
+        history = [{"role": "user", "content": original_input}] if isinstance(original_input, str) else list(original_input)
+        tool_names = {t.get("name") for t in params.get("tools") or [] if isinstance(t, dict)}
+        outputs: list[dict] = []
+        usage = None
+        response: dict = {}
+        for step in range(1, self.step_cap + 1):
+            response = await self._call(self.model_server, "/v1/responses", {**params, "input": history + outputs}, session_id, group)
+            turn = response.get("output") or []
+            outputs.extend(turn)
+            usage = _add_usage(usage, response.get("usage"))
+            calls = [item for item in turn if item.get("type") == "function_call"]
+            if response.get("status") == "incomplete":
+                break  # e.g. the context is full: end cleanly, verify what we have
+            if not calls and _has_answer(turn):
+                break
+            for call in calls:
+                outputs.append(await self._run_tool(call, tool_names, session_id))
+            if self.max_steps and step >= self.max_steps:
+                break
+        return {**response, "output": outputs, "usage": usage}
+
+    async def _run_tool(self, call: dict, tool_names: set, session_id: str | None) -> dict:
+        """Run one function call; a bad call becomes a tool output the model can read."""
+        name = call.get("name")
+        result_text: str
+        if tool_names and name not in tool_names:
+            result_text = f"Error: unknown tool '{name}'. Available tools: {', '.join(sorted(map(str, tool_names)))}"
+        else:
+            try:
+                args = orjson.loads(call.get("arguments") or "{}")
+            except orjson.JSONDecodeError as e:
+                args, result_text = None, f"Error: the arguments of '{name}' are not valid JSON ({e})"
+            if args is not None:
+                try:
+                    result = await self.client.post(self.resources_server, f"/{name}", args, session_id=session_id)
+                    result_text = orjson.dumps(result).decode()
+                except ServerCallError as e:
+                    if e.status is None or e.status >= 500:
+                        raise HTTPError(502, f"{self.name}: tool '{name}' on {self.resources_server} failed: {e.message}",
+                                        "upstream_error") from None
+                    result_text = f"Error: {e.message}"  # 4xx: the model's mistake, it sees why
+        return {"type": "function_call_output", "call_id": call.get("call_id"), "output": result_text}

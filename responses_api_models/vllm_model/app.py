@@ -1,0 +1,83 @@
+"""vllm_model: the Responses API over one or many vLLM servers' Chat Completions API.
+
+Each session (one rollout) stays on one vLLM server (prefix cache); new sessions go to the
+least loaded healthy server; a dying server's sessions move and their request is retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nemo_gym_cli.server import HTTPError, RequestContext, route
+from nemo_gym_cli.servers import ResponsesAPIModel
+from nemo_gym_cli.upstream import Upstream
+from responses_api_models.vllm_model.conversion import (
+    chat_to_response,
+    incomplete_response,
+    is_context_length_error,
+    responses_to_chat,
+)
+
+
+class VLLMModel(ResponsesAPIModel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = str(self.config_field("model", str))
+        self.return_token_id_information = bool(self.config.get("return_token_id_information", False))
+        self.uses_reasoning_parser = bool(self.config.get("uses_reasoning_parser", True))
+        self.replace_developer_role_with_system = bool(self.config.get("replace_developer_role_with_system", False))
+        self.chat_template_kwargs = self.config.get("chat_template_kwargs") or None
+        self.extra_body = self.config.get("extra_body") or None
+        self.upstream = Upstream(self)
+
+    async def on_shutdown(self) -> None:
+        await self.upstream.close()
+
+    @route("/v1/responses")
+    async def responses(self, body: Any, ctx: RequestContext) -> Any:
+        if not isinstance(body, dict):
+            raise HTTPError(400, "request body must be a JSON object (Responses create params)")
+        try:
+            chat_params = responses_to_chat(
+                body, model=self.model,
+                replace_developer_role_with_system=self.replace_developer_role_with_system,
+                uses_reasoning_parser=self.uses_reasoning_parser,
+                return_token_id_information=self.return_token_id_information,
+                chat_template_kwargs=self.chat_template_kwargs, extra_body=self.extra_body,
+            )
+        except (ValueError, TypeError, KeyError) as e:
+            raise HTTPError(400, f"cannot convert the request to Chat Completions: {e}") from None
+        try:
+            chat = await self.upstream.call(ctx, "/chat/completions", chat_params)
+        except HTTPError as e:
+            if is_context_length_error(e.status, e.message):
+                # The episode cannot go on, but it ended cleanly: the agent stops and verifies.
+                return incomplete_response(body, model=self.model, reason="max_output_tokens", message=e.message)
+            raise
+        prompt_token_ids = None
+        if self.return_token_id_information:
+            prompt_token_ids = await self._prompt_token_ids(ctx, chat_params)
+        return chat_to_response(
+            chat, body, model=self.model, uses_reasoning_parser=self.uses_reasoning_parser,
+            return_token_id_information=self.return_token_id_information, prompt_token_ids=prompt_token_ids,
+        )
+
+    @route("/v1/chat/completions")
+    async def chat_completions(self, body: Any, ctx: RequestContext) -> Any:
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise HTTPError(400, "request body must be Chat Completions params with a 'messages' list")
+        return await self.upstream.call(ctx, "/chat/completions", {**body, "model": self.model})
+
+    @route("/release_session")
+    async def release_session(self, body: Any, ctx: RequestContext) -> Any:
+        self.upstream.release(ctx.session_id)
+        return {}
+
+    async def _prompt_token_ids(self, ctx: RequestContext, chat_params: dict) -> list[int]:
+        """Prompt ids from vLLM's /tokenize on the same server (the session is pinned to it)."""
+        request = {"model": self.model, "messages": chat_params["messages"], "add_generation_prompt": True}
+        for key in ("tools", "chat_template_kwargs"):
+            if key in chat_params:
+                request[key] = chat_params[key]
+        tokenized = await self.upstream.call(ctx, "/tokenize", request, at_root=True)
+        return list(tokenized.get("tokens") or [])
