@@ -43,4 +43,4 @@ def make_console(stderr: bool = False):
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 160)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if stream.isatty() else 160)

@@ -1,0 +1,144 @@
+"""equivalence_llm_judge: an LLM judge decides whether the policy's answer matches `expected_answer`.
+
+/verify fills the prompt template with the question (the last user message of the row), the
+expected answer and the generated answer (the last assistant message of the response, optionally
+cut out by a regex), asks the judge model and rewards 1.0 when it answers with the equal label.
+With check_twice_swap, an equal verdict is checked again with the two answers swapped (against
+positional bias). A judge that cannot be reached fails /verify (502): never a silent reward 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from typing import Any
+
+from nemo_gym_cli.client import ServerCallError
+from nemo_gym_cli.config import resolve_path
+from nemo_gym_cli.server import HTTPError, RequestContext, require, route
+from nemo_gym_cli.servers import SimpleResourcesServer
+
+NO_ANSWER = "[NO VALID ANSWER EXTRACTED]"  # what the judge sees when the answer regex finds nothing
+
+
+def content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def last_message_text(items: Any, role: str) -> str:
+    """Text of the last message with `role` in Responses input/output items ("" if none)."""
+    if isinstance(items, str):
+        return items if role == "user" else ""
+    for item in reversed(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get("type", "message") == "message" and item.get("role", "assistant") == role:
+            return content_text(item.get("content"))
+    return ""
+
+
+def extract(pattern: re.Pattern | None, text: str, *, last: bool) -> str | None:
+    """Group 1 (else the whole match) of the first/last match; the text itself without a pattern."""
+    if pattern is None:
+        return text
+    matches = list(pattern.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1] if last else matches[0]
+    return m.group(1) if pattern.groups and m.group(1) is not None else m.group(0)
+
+
+def has_label(text: str, label: str, other: str) -> bool:
+    """`label` occurs in `text` other than inside the other label (e.g. EQUAL inside NOT EQUAL)."""
+    return label in (text.replace(other, "") if label in other else text)
+
+
+class EquivalenceLLMJudgeResourcesServer(SimpleResourcesServer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        field = self.config_field
+        ref = field("judge_model_server", dict)
+        if not ref.get("name"):
+            raise ValueError(f"server '{self.name}': config field 'judge_model_server' must be a ref {{type: ..., name: ...}}")
+        self.judge_server = str(ref["name"])
+        self.create_params = dict(field("judge_responses_create_params", dict, {}))
+        self.system_message = field("judge_system_message", str, None)
+        self.template = self._load_template(field("judge_prompt_template_fpath", str))
+        self.equal_label = field("judge_equal_label", str, "[[A=B]]")
+        self.not_equal_label = field("judge_not_equal_label", str, "[[A!=B]]")
+        if not self.equal_label or not self.not_equal_label or self.equal_label == self.not_equal_label:
+            raise ValueError(f"server '{self.name}': judge_equal_label and judge_not_equal_label must be two different non-empty strings")
+        self.check_twice_swap = field("check_twice_swap", bool, False)
+        self.reward_if_swap_fails = float(field("reward_if_swap_fails", (int, float), 0.0))
+        self.question_regex = self._regex("question_extract_regex")
+        self.response_regex = self._regex("response_extract_regex")
+        limit = field("judge_endpoint_max_concurrency", int, None)
+        self.judge_slots = asyncio.Semaphore(limit) if limit else contextlib.nullcontext()
+
+    def _load_template(self, raw: str) -> str:
+        path = resolve_path(raw)
+        if path is None or not path.is_file():
+            raise ValueError(f"server '{self.name}': config field 'judge_prompt_template_fpath': file '{raw}' not found "
+                             "(looked in the current directory and the project root)")
+        template = path.read_text(encoding="utf-8")
+        try:
+            template.format(question="", expected_answer="", generated_answer="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"server '{self.name}': judge_prompt_template_fpath '{path}': bad placeholder {e} (allowed: "
+                             "{question}, {expected_answer}, {generated_answer}; write other braces as {{ }})") from None
+        return template
+
+    def _regex(self, key: str) -> re.Pattern | None:
+        raw = self.config_field(key, str, None)
+        try:
+            return re.compile(raw, re.DOTALL) if raw else None
+        except re.error as e:
+            raise ValueError(f"server '{self.name}': config field '{key}' is not a valid regex: {e}") from None
+
+    @route("/verify")
+    async def verify(self, body: Any, ctx: RequestContext) -> Any:
+        expected = str(require(body, "expected_answer", (str, int, float), where="verify request"))
+        response = require(body, "response", dict, where="verify request")
+        params = require(body, "responses_create_params", dict, where="verify request")
+        user_text = last_message_text(params.get("input"), "user")
+        question = extract(self.question_regex, user_text, last=False) or user_text
+
+        pattern = self.response_regex
+        metadata = body.get("template_metadata")
+        row_regex = metadata.get("output_regex") if isinstance(metadata, dict) else None
+        if row_regex:  # a per-row regex wins over the configured one
+            try:
+                pattern = re.compile(str(row_regex), re.DOTALL)
+            except re.error as e:
+                raise HTTPError(400, f"verify request: template_metadata.output_regex is not a valid regex: {e}") from None
+        generated = extract(pattern, last_message_text(response.get("output"), "assistant"), last=True)
+        generated = NO_ANSWER if generated is None else generated
+
+        evaluations = [await self._judge(question, expected, generated)]
+        reward = 1.0 if evaluations[0]["verdict"] == "equal" else 0.0
+        if reward and self.check_twice_swap:
+            evaluations.append(await self._judge(question, generated, expected))
+            if evaluations[1]["verdict"] != "equal":
+                reward = self.reward_if_swap_fails
+        return {**body, "reward": reward, "expected_answer": expected, "judge_evaluations": evaluations}
+
+    async def _judge(self, question: str, expected: str, generated: str) -> dict:
+        prompt = self.template.format(question=question, expected_answer=expected, generated_answer=generated)
+        system = [{"role": "system", "content": self.system_message}] if self.system_message else []
+        params = {**self.create_params, "input": [*system, {"role": "user", "content": prompt}]}
+        try:
+            async with self.judge_slots:  # judge calls are independent: no session id
+                response = await self.client.post(self.judge_server, "/v1/responses", params)
+        except ServerCallError as e:
+            raise HTTPError(502, f"{self.name}: judge model server '{self.judge_server}' failed: {e}", "upstream_error") from None
+        text = last_message_text(response.get("output"), "assistant")
+        equal = has_label(text, self.equal_label, self.not_equal_label)
+        not_equal = has_label(text, self.not_equal_label, self.equal_label)
+        evaluation = {"responses_create_params": params, "response": response,
+                      "verdict": "unparsed" if equal == not_equal else "equal" if equal else "not_equal"}
+        if equal == not_equal:
+            evaluation["note"] = f"the judge's answer contains {'both' if equal else 'neither'} of the labels: counted as not equal"
+        return evaluation
