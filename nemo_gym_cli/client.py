@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("nemo_gym.client")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Error types our servers give when *their* upstream failed after their own retries: retrying
+# here too would multiply the tries at every hop (agent -> judge env -> judge model -> vLLM).
+ALREADY_RETRIED = frozenset({"upstream_error", "upstream_unavailable"})
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, ConnectionError)
 
 
@@ -140,7 +143,7 @@ class ServerClient:
             except Exception as e:
                 server.log.exception("%s %s failed", method, path)
                 status, message, etype = 500, f"{server.name}: {type(e).__name__}: {e}", "server_error"
-            if status not in retry_statuses or attempt == self.max_retries:
+            if status not in retry_statuses or etype in ALREADY_RETRIED or attempt == self.max_retries:
                 raise ServerCallError(server.name, f"local:{path}", message, status, etype)
             await asyncio.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_max))
         raise AssertionError("unreachable")
@@ -168,7 +171,7 @@ class ServerClient:
                     return parsed
                 message = error_message(parsed, raw[:500].decode(errors="replace"))
                 etype = parsed.get("error", {}).get("type") if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else None
-                if status not in retry_statuses or attempt == retries:
+                if status not in retry_statuses or etype in ALREADY_RETRIED or attempt == retries:
                     raise ServerCallError(server, url, message, status, etype)
             except CONNECTION_ERRORS as e:
                 if attempt == retries:

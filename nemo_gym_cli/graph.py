@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -17,9 +16,12 @@ from nemo_gym_cli.server import BaseServer
 def load_server_class(spec: ServerSpec) -> type[BaseServer]:
     """The BaseServer subclass defined in `<server_type>/<impl>/<entrypoint>`."""
     if spec.folder is not None:
-        root = str(spec.folder.parent.parent)
-        if root not in sys.path:
-            sys.path.insert(0, root)  # a user's own environment folder in the current directory
+        # A user's own environment folder (e.g. ./resources_servers/my_env) joins the package,
+        # ahead of the project's folders, as config validation found it (cwd first).
+        package = importlib.import_module(spec.server_type)
+        type_dir = str(spec.folder.parent)
+        if type_dir not in package.__path__:
+            package.__path__.insert(0, type_dir)
     module = importlib.import_module(spec.module)
     classes = [
         obj for obj in vars(module).values()

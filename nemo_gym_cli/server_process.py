@@ -30,9 +30,15 @@ def head_url(config: dict) -> str:
 async def main_async(config: dict, name: str) -> int:
     spec = server_specs(config)[name]
     client = ServerClient(config.get("http_client"), head_url(config))
-    server = build_server(spec, config, client)
     host, port = bind_address(spec, config)
-    running = await serve(server, host, port)
+    try:
+        server = build_server(spec, config, client)
+        running = await serve(server, host, port)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        # A config mistake or a busy port: one clear line, not a traceback.
+        print(f"server '{name}' ({spec.server_type}/{spec.impl}) cannot start: {type(e).__name__}: {e}", file=sys.stderr)
+        await client.close()
+        return 1
     await client.request_json("POST", f"{client.head_url}/register",
                               {"name": name, "url": running.url, "pid": os.getpid()}, server="head server", timeout_s=10)
     server.log.info("serving %s/%s at %s", spec.server_type, spec.impl, running.url)

@@ -12,7 +12,9 @@ Behaviour in one paragraph: with tools and tool_choice "required" (or a named fu
 it always calls a tool; with tool_choice "auto" it calls the first tool while fewer than
 --tool-call-turns tool results follow the last user message; otherwise it answers
 "The answer is: <last user message>" (or "Based on the tool result: ..." right after a
-tool result). A --script file of {"match", "content"|"status"} rules overrides that.
+tool result). A --script file of rules overrides that: {"match": <substring of the prompt>, and
+"content": <text> | "status": <HTTP error> | "tool_call": {"name", "arguments": <raw string>},
+optionally "reasoning": <text>}; the first matching rule wins.
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ def generate(text: str, tool: dict | None, reasoning: str | None, max_tokens: An
     budget = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None
     call = None
     if tool is not None:
-        call = (tool.get("name", ""), example_arguments(tool.get("parameters")))
+        call = (tool.get("name", ""), tool["raw_arguments"] if "raw_arguments" in tool else example_arguments(tool.get("parameters")))
         # What the model "emits"; the tool parser turns it into tool_calls.
         text = f'<tool_call>\n{{"name": {json.dumps(call[0])}, "arguments": {call[1]}}}\n</tool_call>'
     r_pieces = token_pieces(reasoning) if reasoning else []
@@ -391,9 +393,17 @@ class Standin:
         rule = self.script_rule(messages)
         if rule is not None and rule.get("status", 200) >= 400:
             return error_response(rule["status"], rule.get("message", "scripted error"), _error_type(rule["status"]))
-        tool = None if rule is not None else pick_tool(tools, tool_choice, messages, self.config.tool_call_turns)
+        if rule is None:
+            tool = pick_tool(tools, tool_choice, messages, self.config.tool_call_turns)
+        elif "tool_call" in rule:  # a scripted call, arguments verbatim (may be invalid JSON on purpose)
+            tool = {"name": rule["tool_call"].get("name", ""), "raw_arguments": str(rule["tool_call"].get("arguments", "{}"))}
+        else:
+            tool = None
         text = rule["content"] if rule is not None else ("" if tool is not None else text_answer(messages))
-        reasoning = _reasoning_text(messages, tool) if self.config.reasoning else None
+        if rule is not None and "reasoning" in rule:
+            reasoning = rule["reasoning"]
+        else:
+            reasoning = _reasoning_text(messages, tool) if self.config.reasoning else None
         gen = generate(text, tool, reasoning, max_tokens)
         cached = await self.schedule(prompt_ids, len(gen.pieces))
         self.success["length" if gen.finish_reason == "length" else "stop"] += 1
@@ -780,8 +790,8 @@ def load_script(path: str) -> list[dict]:
     for rule in rules:
         if not isinstance(rule, dict) or not isinstance(rule.get("match"), str):
             raise ValueError(f"{path}: every rule needs a string 'match': {rule!r}")
-        if "content" not in rule and "status" not in rule:
-            raise ValueError(f"{path}: rule needs 'content' or 'status': {rule!r}")
+        if not {"content", "status", "tool_call", "reasoning"} & rule.keys():
+            raise ValueError(f"{path}: rule needs 'content', 'status', 'tool_call' or 'reasoning': {rule!r}")
         rule.setdefault("content", "")
     return rules
 
@@ -796,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once; the rest queue")
     p.add_argument("--tool-call-turns", type=int, default=1, help="tool calls per episode under tool_choice=auto")
     p.add_argument("--reasoning", action="store_true", help="emit reasoning / reasoning_content")
-    p.add_argument("--script", metavar="FILE", help="JSON/JSONL rules {match, content|status}")
+    p.add_argument("--script", metavar="FILE", help="JSON/JSONL rules {match, content|status|tool_call[, reasoning]}")
     p.add_argument("--context-length", type=int, default=32768, help="max prompt tokens (else HTTP 400)")
     p.add_argument("--port-file", metavar="PATH", help="write the bound port here (useful with --port 0)")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")

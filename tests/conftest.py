@@ -53,6 +53,10 @@ def http_json(url: str, body: dict | None = None, timeout: float = 10, headers: 
         return status, raw.decode(errors="replace")
 
 
+class GaveUp(Exception):
+    """Raised by a wait_until predicate when waiting longer cannot help (the process died)."""
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     last = None
@@ -61,6 +65,8 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
             result = predicate()
             if result:
                 return result
+        except GaveUp:
+            raise
         except Exception as e:  # not up yet
             last = e
         time.sleep(interval)
@@ -131,7 +137,7 @@ class Graph:
     def wait_ready(self, timeout: float = 60):
         def ready():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ng_run exited with {self.proc.returncode}:\n{self.output()}")
+                raise GaveUp(f"ng_run exited with {self.proc.returncode}:\n{self.output()}")
             servers = http_json(self.head + "/servers", timeout=2)[1]
             return servers and all(s["state"] == "ready" for s in servers) and "servers ready" in self.output()
 

@@ -128,12 +128,13 @@ def test_a_failing_judge_fails_the_rollout_instead_of_scoring_it(standins, graph
     _, judge, g = start(standins, graph, tmp_path, [{"match": "JUDGE_ERROR", "status": 500}], args=[
         "++judge_model.responses_api_models.vllm_model.max_retries=0",          # keep the test fast:
         "++judge_model.responses_api_models.vllm_model.wait_for_backend_s=0.2",  # retries stay bounded,
-        "+http_client.backoff_base_s=0.01",                                      # just quicker
+        "+http_client.max_retries=1", "+http_client.backoff_base_s=0.01",       # just quicker
     ], colocate=mode == "colocated")
 
     status, out = run(g, row("JUDGE_ERROR: what is 2+2?", "4"))
     assert status >= 500 and "reward" not in out, out
     assert "judge_model" in out["error"]["message"] and "equivalence_llm_judge" in out["error"]["message"]
+    assert judge.stats()["requests"] >= 1  # the judge was asked (and failed), not skipped
 
     judge.stop()
     status, out = run(g, row("what is 3+3?", "6"))

