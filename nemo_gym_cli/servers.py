@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nemo_gym_cli.server import BaseServer, HTTPError, RequestContext, route
+from nemo_gym_cli.upstream import Upstream
 
 
 class SimpleResourcesServer(BaseServer):
@@ -46,3 +47,27 @@ class ResponsesAPIAgent(BaseServer):
     @route("/run")
     async def run(self, body: Any, ctx: RequestContext) -> Any:
         raise HTTPError(501, f"{self.name}: /run is not implemented", "server_error")
+
+
+class UpstreamModel(ResponsesAPIModel):
+    """A model adapter over OpenAI-compatible upstream servers (`base_url`, `api_key`, `model`):
+    Chat Completions pass through with session routing; /release_session frees the pin."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = str(self.config_field("model", str))
+        self.upstream = Upstream(self)
+
+    async def on_shutdown(self) -> None:
+        await self.upstream.close()
+
+    @route("/v1/chat/completions")
+    async def chat_completions(self, body: Any, ctx: RequestContext) -> Any:
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise HTTPError(400, "request body must be Chat Completions params with a 'messages' list")
+        return await self.upstream.call(ctx, "/chat/completions", {**body, "model": self.model})
+
+    @route("/release_session")
+    async def release_session(self, body: Any, ctx: RequestContext) -> Any:
+        self.upstream.release(ctx.session_id)
+        return {}

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from nemo_gym_cli.server import HTTPError, RequestContext, route
-from nemo_gym_cli.servers import ResponsesAPIModel
-from nemo_gym_cli.upstream import Upstream
+from nemo_gym_cli.servers import UpstreamModel
 from responses_api_models.vllm_model.conversion import (
     chat_to_response,
     incomplete_response,
@@ -19,19 +18,14 @@ from responses_api_models.vllm_model.conversion import (
 )
 
 
-class VLLMModel(ResponsesAPIModel):
+class VLLMModel(UpstreamModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model = str(self.config_field("model", str))
         self.return_token_id_information = bool(self.config.get("return_token_id_information", False))
         self.uses_reasoning_parser = bool(self.config.get("uses_reasoning_parser", True))
         self.replace_developer_role_with_system = bool(self.config.get("replace_developer_role_with_system", False))
         self.chat_template_kwargs = self.config.get("chat_template_kwargs") or None
         self.extra_body = self.config.get("extra_body") or None
-        self.upstream = Upstream(self)
-
-    async def on_shutdown(self) -> None:
-        await self.upstream.close()
 
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:
@@ -61,17 +55,6 @@ class VLLMModel(ResponsesAPIModel):
             chat, body, model=self.model, uses_reasoning_parser=self.uses_reasoning_parser,
             return_token_id_information=self.return_token_id_information, prompt_token_ids=prompt_token_ids,
         )
-
-    @route("/v1/chat/completions")
-    async def chat_completions(self, body: Any, ctx: RequestContext) -> Any:
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            raise HTTPError(400, "request body must be Chat Completions params with a 'messages' list")
-        return await self.upstream.call(ctx, "/chat/completions", {**body, "model": self.model})
-
-    @route("/release_session")
-    async def release_session(self, body: Any, ctx: RequestContext) -> Any:
-        self.upstream.release(ctx.session_id)
-        return {}
 
     async def _prompt_token_ids(self, ctx: RequestContext, chat_params: dict) -> list[int]:
         """Prompt ids from vLLM's /tokenize on the same server (the session is pinned to it)."""
