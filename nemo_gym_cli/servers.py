@@ -33,7 +33,7 @@ class ResponsesAPIModel(BaseServer):
 
     @route("/release_session")
     async def release_session(self, body: Any, ctx: RequestContext) -> Any:
-        """The agent's rollout ended: forget the session (its backend pin, if any)."""
+        """Rollouts ended: forget their sessions (`{"session_ids": [...]}`), if pinned anywhere."""
         return {}
 
 
@@ -69,5 +69,8 @@ class UpstreamModel(ResponsesAPIModel):
 
     @route("/release_session")
     async def release_session(self, body: Any, ctx: RequestContext) -> Any:
-        self.upstream.release(ctx.session_id)
+        """Body `{"session_ids": [...]}` (a batch, from the agent) or the request's own session."""
+        ids = body.get("session_ids") if isinstance(body, dict) else None
+        for session_id in ids if isinstance(ids, list) else [ctx.session_id]:
+            self.upstream.release(session_id)
         return {}

@@ -7,18 +7,22 @@ traceback and no Hydra `outputs/` folder ever reaches the user.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, VLLM_MODEL, WEATHER, run_cli
+from conftest import BIN, PROJECT_ROOT, VLLM_MODEL, WEATHER, run_cli
 from nemo_gym_cli.config import ConfigError, compose
 
 JUDGE_MODEL = "responses_api_models/vllm_model/configs/vllm_judge_model.yaml"
 JUDGE_ENV = "resources_servers/equivalence_llm_judge/configs/equivalence_llm_judge.yaml"
 
+JUDGE_ENV_YAML = {"judge_base_url": "http://judge-server:8000/v1", "judge_api_key": "EMPTY",
+                  "judge_model_name": "Qwen/Qwen3-30B-A3B"}
 POLICY_ENV = {"policy_base_url": "http://vllm-1:8000/v1", "policy_api_key": "EMPTY", "policy_model_name": "m"}
 
 
@@ -382,12 +386,10 @@ def test_a_bad_override_is_a_clear_error_too(tmp_path):
     assert "+config_paths=[a.yaml" in result.stderr
 
 
-def test_the_guides_judge_command_without_the_judge_model_config_names_judge_model(tmp_path):
-    """The guide composes vllm_model + vllm_judge_model + equivalence_llm_judge; forgetting the
-    judge model's config must say that `judge_model` is missing, not fail later."""
-    write_env(tmp_path, {**POLICY_ENV, "judge_base_url": "http://judge:8000/v1", "judge_api_key": "EMPTY",
-                         "judge_model_name": "Qwen/Qwen3-30B-A3B"})
-    # The same shape with the weather server standing in for the judge environment.
+def test_a_ref_to_a_judge_model_that_was_not_included_names_judge_model(tmp_path):
+    """Forgetting the judge model's config must say that `judge_model` is missing, not fail later."""
+    write_env(tmp_path, {**POLICY_ENV, **JUDGE_ENV_YAML})
+    # The guide's judge setup, with the weather server standing in for the judge environment.
     write(tmp_path, "judged_env.yaml", """
         judged_weather:
           resources_servers:
@@ -399,15 +401,58 @@ def test_the_guides_judge_command_without_the_judge_model_config_names_judge_mod
     """)
     problem = the_problem(problems_of(tmp_path, f"+config_paths=[{VLLM_MODEL},judged_env.yaml]"), "judge_model")
     assert "judged_weather.resources_servers.simple_weather.judge_model_server" in problem
+    assert "judged_env.yaml" in problem
     # ...and with the judge model's config included, it composes.
-    config_of(tmp_path, f"+config_paths=[{VLLM_MODEL},{JUDGE_MODEL},judged_env.yaml]")
+    cfg = config_of(tmp_path, f"+config_paths=[{VLLM_MODEL},{JUDGE_MODEL},judged_env.yaml]")
+    assert cfg["judge_model"]["responses_api_models"]["vllm_model"]["model"] == "Qwen/Qwen3-30B-A3B"
 
+
+def run_guide_snippet(snippet: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A shell snippet from the guide, as a user pastes it (ng_run swapped for ng_dump_config)."""
+    return subprocess.run(["bash", "-c", textwrap.dedent(snippet).replace("ng_run ", "ng_dump_config ")], cwd=cwd,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+
+
+def test_the_guides_judge_command(tmp_path):
     if not (PROJECT_ROOT / JUDGE_ENV).exists():
         pytest.skip(f"{JUDGE_ENV} is not in the project yet")
-    result = run_cli("ng_dump_config", [f"+config_paths=[{VLLM_MODEL},{JUDGE_ENV}]"], cwd=tmp_path, timeout=60)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "judge_model" in result.stderr
-    assert "Traceback" not in result.stderr
+    write_env(tmp_path, {**POLICY_ENV, **JUDGE_ENV_YAML})
+    full = run_guide_snippet("""
+        config_paths="responses_api_models/vllm_model/configs/vllm_model.yaml,\\
+        responses_api_models/vllm_model/configs/vllm_judge_model.yaml,\\
+        resources_servers/equivalence_llm_judge/configs/equivalence_llm_judge.yaml"
+
+        ng_run "+config_paths=[${config_paths}]"
+    """, tmp_path)
+    assert full.returncode == 0, full.stderr
+    assert "judge_model" in yaml.safe_load(full.stdout)
+
+    without_judge = run_cli("ng_dump_config", [f"+config_paths=[{VLLM_MODEL},{JUDGE_ENV}]"], cwd=tmp_path, timeout=60)
+    assert without_judge.returncode == 2, without_judge.stdout + without_judge.stderr
+    assert "judge_model" in without_judge.stderr
+    assert "Traceback" not in without_judge.stderr
+
+
+def test_the_guides_switch_from_openai_to_vllm_changes_only_the_policy_model(tmp_path):
+    write_env(tmp_path, POLICY_ENV)
+    dumps = {}
+    for impl in ("openai_model", "vllm_model"):
+        result = run_guide_snippet(f"""
+            config_paths="responses_api_models/{impl}/configs/{impl}.yaml,\\
+            resources_servers/simple_weather/configs/simple_weather.yaml"
+            ng_run "+config_paths=[${{config_paths}}]"
+        """, tmp_path)
+        assert result.returncode == 0, result.stderr
+        dumps[impl] = yaml.safe_load(result.stdout)
+    before, after = dumps["openai_model"], dumps["vllm_model"]
+    assert list(before["policy_model"]["responses_api_models"]) == ["openai_model"]
+    assert list(after["policy_model"]["responses_api_models"]) == ["vllm_model"]
+    for key in ("base_url", "model", "api_key"):
+        assert before["policy_model"]["responses_api_models"]["openai_model"][key] == \
+            after["policy_model"]["responses_api_models"]["vllm_model"][key]
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("policy_model", "config_paths")}  # noqa: E731
+    assert strip(before) == strip(after)
 
 
 # ------------------------------------------------------------------ ng_dump_config and secrets

@@ -267,7 +267,7 @@ def test_a_server_that_crashes_at_start_fails_ng_run(graph, tmp_path, mode, cras
     code = wait_for_exit(g)
     out = g.output()
     assert code != 0, out
-    assert "crashy" in [m for m in re.findall(r"'(\w+)'", out)] or re.search(r"\bcrashy\b.*(exit|fail|crash)", out), out
+    assert re.search(r"\bcrashy\b", out), f"ng_run's output does not say which server failed:\n{out}"
     assert "raised in __init__" in out if crash_in == "init" else "raised in on_startup" in out
     if mode == "processes":
         assert re.search(r"crashy.*exited.*code 1", out), out  # its name and its exit code

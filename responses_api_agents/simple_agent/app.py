@@ -17,6 +17,7 @@ from nemo_gym_cli.server import GROUP_HEADER, HTTPError, RequestContext, new_ses
 from nemo_gym_cli.servers import ResponsesAPIAgent
 
 HARD_STEP_CAP = 100  # an episode that never ends (e.g. reasoning forever) stops here
+RELEASE_BATCH_S = 0.1  # finished sessions are released in batches: one call, not one per rollout
 
 
 def _ref_name(config: dict, key: str, server_name: str) -> str:
@@ -57,7 +58,8 @@ class SimpleAgent(ResponsesAPIAgent):
         max_steps = self.config.get("max_steps")
         self.max_steps = int(max_steps) if max_steps else None
         self.step_cap = min(self.max_steps or HARD_STEP_CAP, int(self.config.get("hard_step_cap", HARD_STEP_CAP)))
-        self._releases: set[asyncio.Task] = set()  # keep fire-and-forget tasks referenced
+        self._to_release: list[str] = []
+        self._release_task: asyncio.Task | None = None
 
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:
@@ -76,15 +78,25 @@ class SimpleAgent(ResponsesAPIAgent):
             response = await self._episode(params, session_id, group)
             return await self._call(self.resources_server, "/verify", {**body, "response": response}, session_id)
         finally:
-            task = asyncio.create_task(self._release(session_id))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+            self._to_release.append(session_id)
+            if self._release_task is None:
+                self._release_task = asyncio.create_task(self._release_batch(RELEASE_BATCH_S))
 
-    async def _release(self, session_id: str) -> None:
+    async def _release_batch(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # let more rollouts finish: one call releases them all
+        session_ids, self._to_release, self._release_task = self._to_release, [], None
+        if not session_ids:
+            return
         try:
-            await self.client.post(self.model_server, "/release_session", {}, session_id=session_id, retry_statuses=frozenset())
+            await self.client.post(self.model_server, "/release_session", {"session_ids": session_ids},
+                                   retry_statuses=frozenset())
         except ServerCallError:
             pass  # best effort: the model's session table also expires idle sessions
+
+    async def on_shutdown(self) -> None:
+        if self._release_task is not None:
+            self._release_task.cancel()
+            await self._release_batch(0)
 
     async def _call(self, server: str, path: str, body: Any, session_id: str | None, group: str | None = None) -> Any:
         try:
