@@ -423,6 +423,8 @@ class CommandResult:
     group_cpu_s: dict[str, float] = field(default_factory=dict)
     group_peak_rss_mb: dict[str, float | None] = field(default_factory=dict)
     group_peak_one_rss_mb: dict[str, float | None] = field(default_factory=dict)
+    # CPU the rest of the machine used meanwhile (other users, this benchmark's own process), in cores
+    other_load_cores: float | None = None
 
     def tail(self, n: int = 3000) -> str:
         return Path(self.log_path).read_text(errors="replace")[-n:]
@@ -438,6 +440,7 @@ def run_measured(argv: list[str], cwd: Path, name: str, sampler: Sampler,
     for gname, fn in groups.items():
         sampler.track(gname, fn)
     before = {g: cpu_seconds(fn()) for g, fn in groups.items()}
+    busy_before = _busy_seconds()
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -460,18 +463,27 @@ def run_measured(argv: list[str], cwd: Path, name: str, sampler: Sampler,
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
     after = {g: cpu_seconds(fn()) for g, fn in groups.items()}
+    busy = _busy_seconds() - busy_before
+    cpu_s = usage.ru_utime + usage.ru_stime
+    group_cpu = {g: cpu_delta(before[g], after[g]) for g in groups}
     sampler.untrack(name)
     for gname in groups:
         sampler.untrack(gname)
     return CommandResult(
-        argv=list(argv), returncode=proc.returncode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
+        argv=list(argv), returncode=proc.returncode, wall_s=wall, cpu_s=cpu_s,
         maxrss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
         sampled_peak_rss_mb=mb(sampler.peak_sum.get(name)), log_path=str(log_path),
         timeline=list(sampler.timeline.get(name, [])),
-        group_cpu_s={g: cpu_delta(before[g], after[g]) for g in groups},
+        group_cpu_s=group_cpu,
         group_peak_rss_mb={g: mb(sampler.peak_sum.get(g)) for g in groups},
         group_peak_one_rss_mb={g: mb(sampler.peak_one.get(g)) for g in groups},
+        other_load_cores=max(0.0, busy - cpu_s - sum(group_cpu.values())) / wall if wall > 0 else None,
     )
+
+
+def _busy_seconds() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
 
 
 def _kill_group(pid: int) -> None:

@@ -51,11 +51,11 @@ def _args(command: str) -> list[str]:
     return args
 
 
-def _compose_or_exit(command: str, args: list[str], **kwargs) -> Composed:
+def _compose_or_exit(command: str, args: list[str], shown_as: str | None = None, **kwargs) -> Composed:
     try:
         return compose(args, command=command, **kwargs)
     except ConfigError as e:
-        err.print(f"{command}: {e.render()}", markup=False)
+        err.print(f"{shown_as or command}: {e.render()}", markup=False)
         sys.exit(2)
 
 
@@ -73,7 +73,7 @@ def ng_run() -> None:
 
 def ng_dump_config() -> None:
     # Composed with ng_run's defaults: it shows exactly what ng_run would use.
-    composed = _compose_or_exit("ng_run", _args("ng_dump_config"))
+    composed = _compose_or_exit("ng_run", _args("ng_dump_config"), shown_as="ng_dump_config")
     sys.stdout.write(dump_yaml(composed.config))
 
 
