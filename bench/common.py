@@ -423,8 +423,9 @@ class CommandResult:
     group_cpu_s: dict[str, float] = field(default_factory=dict)
     group_peak_rss_mb: dict[str, float | None] = field(default_factory=dict)
     group_peak_one_rss_mb: dict[str, float | None] = field(default_factory=dict)
-    # CPU the rest of the machine used meanwhile (other users, this benchmark's own process), in cores
+    # CPU the rest of the machine used meanwhile (other users' processes), in cores
     other_load_cores: float | None = None
+    bench_cpu_s: float | None = None  # this benchmark process (sampler thread, waiting)
 
     def tail(self, n: int = 3000) -> str:
         return Path(self.log_path).read_text(errors="replace")[-n:]
@@ -441,6 +442,8 @@ def run_measured(argv: list[str], cwd: Path, name: str, sampler: Sampler,
         sampler.track(gname, fn)
     before = {g: cpu_seconds(fn()) for g, fn in groups.items()}
     busy_before = _busy_seconds()
+    me = psutil.Process()
+    me_before = sum(me.cpu_times()[:2])
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -464,6 +467,7 @@ def run_measured(argv: list[str], cwd: Path, name: str, sampler: Sampler,
         proc.returncode = os.waitstatus_to_exitcode(status)
     after = {g: cpu_seconds(fn()) for g, fn in groups.items()}
     busy = _busy_seconds() - busy_before
+    me_cpu = sum(me.cpu_times()[:2]) - me_before
     cpu_s = usage.ru_utime + usage.ru_stime
     group_cpu = {g: cpu_delta(before[g], after[g]) for g in groups}
     sampler.untrack(name)
@@ -477,7 +481,8 @@ def run_measured(argv: list[str], cwd: Path, name: str, sampler: Sampler,
         group_cpu_s=group_cpu,
         group_peak_rss_mb={g: mb(sampler.peak_sum.get(g)) for g in groups},
         group_peak_one_rss_mb={g: mb(sampler.peak_one.get(g)) for g in groups},
-        other_load_cores=max(0.0, busy - cpu_s - sum(group_cpu.values())) / wall if wall > 0 else None,
+        other_load_cores=max(0.0, busy - cpu_s - me_cpu - sum(group_cpu.values())) / wall if wall > 0 else None,
+        bench_cpu_s=me_cpu,
     )
 
 

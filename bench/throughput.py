@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,9 +73,14 @@ def measure(mode: str, concurrency: int, n: int, rows: Path, work: Path, graphs:
         "cpu_s": {"client": res.cpu_s, **res.group_cpu_s},
         "peak_rss_mb": {"client": res.maxrss_mb, "client_sampled": res.sampled_peak_rss_mb, **res.group_peak_rss_mb},
         "peak_rss_one_process_mb": res.group_peak_one_rss_mb,
+        "other_load_cores": res.other_load_cores,
         "argv": res.argv,
     }
     per = 1000 / done if done else None
+    if n == 0:
+        row["cpu_ms_per_rollout"] = {}
+        out.unlink(missing_ok=True)
+        return row
     row["cpu_ms_per_rollout"] = {k: (v * per if per else None) for k, v in row["cpu_s"].items()}
     if mode != "direct" and per:
         row["cpu_ms_per_rollout"]["gym_total"] = (res.cpu_s + res.group_cpu_s["gym_servers"]) * per
@@ -108,7 +114,8 @@ def summarize(runs: list[dict], modes: list[str], concurrencies: list[int]) -> l
                 "peak_rss_mb": {k: med(lambda r, k=k: r["peak_rss_mb"].get(k)) for k in ("gym_servers", "client", "standins")},
                 "peak_rss_one_process_mb": {k: med(lambda r, k=k: r["peak_rss_one_process_mb"].get(k))
                                             for k in ("gym_servers", "standins")},
-                "failures": sum((r["failures"] or 0) + (r["rollouts"] != r.get("wanted", r["rollouts"])) for r in mine),
+                "other_load_cores": med(lambda r: r["other_load_cores"]),
+                "failures": sum(r["failures"] or 0 for r in mine),
             })
     return rows
 
@@ -120,7 +127,7 @@ def render(summary: list[dict], args) -> Table:
             ("in-run r/s", "right"), ("p50 ms", "right"), ("p95 ms", "right"),
             ("CPU ms/rollout: gym servers", "right"), ("collector / client", "right"), ("gym total", "right"),
             ("stand-ins", "right"), ("peak RSS MB: gym servers (sum)", "right"), ("collector / client", "right"),
-            ("stand-in (max)", "right")]
+            ("stand-in (max)", "right"), ("other load (cores)", "right")]
     for name, justify in cols:
         table.add_column(name, justify=justify)
     last_c = None
@@ -139,6 +146,7 @@ def render(summary: list[dict], args) -> Table:
             C.fmt(cpu.get("standins"), 2),
             C.fmt(rss.get("gym_servers"), 0), C.fmt(rss.get("client"), 0),
             C.fmt(r["peak_rss_one_process_mb"].get("standins"), 0),
+            C.fmt(r["other_load_cores"], 2),
         )
     return table
 
@@ -157,45 +165,75 @@ def targets(summary: list[dict]) -> list[tuple[str, str, str, bool | None]]:
     return out
 
 
-def profile_children(graph: C.NgRun, rows: Path, work: Path, concurrency: int, n: int) -> dict:
-    """py-spy every ng_run child (default mode) while the collector runs; top functions."""
+PROFILE_CATEGORIES = (  # first match wins; matched against "function (file:line)"
+    ("aiohttp: HTTP server", ("aiohttp/web_", "aiohttp/_http_parser", "aiohttp/http_parser", "aiohttp/base_protocol")),
+    ("aiohttp: HTTP client", ("aiohttp/client", "aiohttp/connector", "aiohttp/http_writer", "aiohttp/payload",
+                              "aiohttp/streams", "aiohttp/tracing", "aiohttp/helpers", "aiohttp/cookiejar")),
+    ("multidict / yarl (headers, URLs)", ("multidict", "yarl/")),
+    ("prometheus_client (metrics)", ("prometheus_client",)),
+    ("asyncio / uvloop internals", ("asyncio/", "uvloop", "<frozen", "selectors")),
+    ("JSON (orjson / json)", ("orjson", "json/")),
+    ("gym: routing", ("nemo_gym_cli/routing",)),
+    ("gym: server base / client", ("nemo_gym_cli/server.py", "nemo_gym_cli/client.py", "nemo_gym_cli/servers.py")),
+    ("gym: model adapter (conversion, upstream)", ("responses_api_models/", "nemo_gym_cli/upstream.py")),
+    ("gym: agent / resources", ("responses_api_agents/", "resources_servers/")),
+    ("gym: other", ("nemo_gym_cli/",)),
+)
+
+
+def profile_graphs(graphs: dict, rows: Path, work: Path, concurrency: int, n: int) -> dict:
+    """py-spy (record, --nonblocking) every process of each ng_run while a collector runs at
+    `concurrency`: top functions by self time, and self time by category."""
     import shutil
+    import signal
     import subprocess
 
     py_spy = shutil.which("py-spy") or (str(C.BIN / "py-spy") if (C.BIN / "py-spy").exists() else None)
     if not py_spy:
-        return {"error": "py-spy not found (pip install py-spy)"}
-    pids = graph.pids()
-    profs = {}
-    duration = 8
-    for name, pid in pids.items():
-        out = work / f"profile_{name}.txt"
-        profs[name] = (subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
-                                         "--duration", str(duration), "--rate", "200", "--nonblocking"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out)
-    out_path = work / "profile_run.jsonl"
-    argv = C.collector_argv(graph.head_port, rows, out_path, concurrency, [f"+limit={n}"])
-    subprocess.run(argv, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    result = {}
-    for name, (proc, out) in profs.items():
-        _, err = proc.communicate(timeout=60)
-        if not out.exists():
-            result[name] = {"error": err.decode(errors="replace")[-500:]}
-            continue
-        result[name] = top_functions(out)
-    out_path.unlink(missing_ok=True)
+        return {"error": "py-spy not found (pip install py-spy into this venv)"}
+    result: dict = {}
+    for mode, graph in graphs.items():
+        pids = {}
+        for name, pid in graph.pids().items():
+            pids.setdefault(pid, name)  # colocated: one pid for every server
+        spies = {}
+        for pid, name in pids.items():
+            out = work / f"profile_{mode}_{name}.txt"
+            spies[f"{mode}: {name} (pid {pid})"] = (subprocess.Popen(
+                [py_spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(out), "--rate", "250",
+                 "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out)
+        time.sleep(1.0)  # let py-spy attach
+        out_path = work / f"profile_{mode}.jsonl"
+        t0 = time.perf_counter()
+        subprocess.run(C.collector_argv(graph.head_port, rows, out_path, concurrency, [f"+limit={n}"]), cwd=work,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        for label, (proc, out) in spies.items():
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if not out.exists():
+                result[label] = {"error": err.decode(errors="replace")[-500:]}
+                continue
+            result[label] = top_functions(out)
+            result[label]["collector_wall_s"] = round(wall, 2)
+        out_path.unlink(missing_ok=True)
     return result
 
 
 def top_functions(raw_path: Path, top: int = 15) -> dict:
-    """From py-spy's raw (collapsed stacks) output: self time and inclusive time per function."""
+    """From py-spy's raw output (collapsed stacks, active threads only): % self time per function
+    and per category, and % inclusive time per function."""
     self_t: dict[str, int] = {}
     incl: dict[str, int] = {}
+    cats: dict[str, int] = {}
     total = 0
-    idle = 0
     for line in raw_path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or not count.isdigit():
             continue
         n = int(count)
         total += n
@@ -204,14 +242,33 @@ def top_functions(raw_path: Path, top: int = 15) -> dict:
         self_t[leaf] = self_t.get(leaf, 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
-        if "select" in leaf or "epoll" in leaf or "run_forever" in leaf and len(frames) < 4:
-            idle += n
-    pct = lambda n: round(100 * n / total, 1) if total else 0  # noqa: E731
+        cat = next((c for c, keys in PROFILE_CATEGORIES if any(k in leaf for k in keys)), "other (stdlib, C)")
+        cats[cat] = cats.get(cat, 0) + n
+    pct = lambda n: round(100 * n / total, 1) if total else 0.0  # noqa: E731
     return {
         "samples": total,
         "self": [(f, pct(n)) for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top]],
         "inclusive": [(f, pct(n)) for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]],
+        "categories": [(c, pct(n)) for c, n in sorted(cats.items(), key=lambda kv: -kv[1])],
     }
+
+
+def print_profile(profile: dict) -> None:
+    for label, prof in profile.items():
+        if "error" in prof:
+            C.console.print(f"profile {label}: {prof['error']}")
+            continue
+        t = Table(title=f"py-spy {label}: {prof['samples']} samples (250/s, active time only)", title_justify="left")
+        t.add_column("top self time: function (file:line)")
+        t.add_column("%", justify="right")
+        t.add_column("self time by category")
+        t.add_column("%", justify="right")
+        selfs, cats = prof["self"][:12], prof["categories"]
+        for i in range(max(len(selfs), len(cats))):
+            f, p = selfs[i] if i < len(selfs) else ("", "")
+            c, q = cats[i] if i < len(cats) else ("", "")
+            t.add_row(f[:110], str(p), c, str(q))
+        C.console.print(t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler = C.Sampler()
     sampler.start()
     runs: list[dict] = []
+    fixed: dict[str, dict] = {}
     profile = None
     try:
         n_rows = max(args.rollouts, args.warmup)
@@ -242,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup:
             for mode in modes:
                 measure(mode, min(100, max(concurrencies)), args.warmup, rows, work.path, graphs, standins, sampler, "warmup")
+        for mode in modes:  # fixed cost of one whole command: startup, config, connect, summary, exit
+            fixed[mode] = measure(mode, 10, 0, rows, work.path, graphs, standins, sampler, "fixed")
         for rnd in range(args.rounds):
             for c in concurrencies:
                 order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
@@ -251,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(r)
                     C.console.print(f"  round {rnd} conc {c:>4} {mode:<9}: {r['rollouts_per_s']:8.1f} rollouts/s "
                                     f"({r['rollouts']} in {r['wall_s']:.2f} s)")
-        if args.profile and "default" in graphs:
-            C.console.print("profiling ng_run children (default mode) with py-spy ...")
-            profile = profile_children(graphs["default"], rows, work.path, TARGET_CONCURRENCY, args.rollouts)
+        if args.profile and graphs:
+            C.console.print(f"profiling every ng_run process with py-spy at concurrency {TARGET_CONCURRENCY} ...")
+            profile = profile_graphs(graphs, rows, work.path, TARGET_CONCURRENCY, args.rollouts)
     finally:
         sampler.close()
         C.stop_all()
@@ -262,23 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, modes, concurrencies)
     table = render(summary, args)
     C.console.print(table)
+    if fixed:
+        C.console.print("fixed cost of one whole command with 0 rollouts (startup, config, connect, summary, exit), "
+                        "included above: " + "; ".join(
+                            f"{m}: {f['wall_s']:.2f} s wall, {f['cpu_s']['client'] * 1000:.0f} ms CPU "
+                            f"(= {f['cpu_s']['client'] * 1000 / args.rollouts:.2f} ms/rollout over {args.rollouts})"
+                            for m, f in fixed.items()))
     tgt = targets(summary)
     C.console.print(C.targets_table("Targets", tgt))
     if profile:
-        for name, prof in profile.items():
-            if "error" in prof:
-                C.console.print(f"profile {name}: {prof['error']}")
-                continue
-            t = Table(title=f"py-spy: {name} ({prof['samples']} samples), top self time", title_justify="left")
-            t.add_column("function (file:line)")
-            t.add_column("% self", justify="right")
-            for f, pct in prof["self"][:12]:
-                t.add_row(f, f"{pct}")
-            C.console.print(t)
+        if "error" in profile:
+            C.console.print(f"profile: {profile['error']}")
+        else:
+            print_profile(profile)
     path = C.write_results(NAME, {
         "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
         "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
-        "summary": summary, "runs": runs, "profile": profile,
+        "summary": summary, "runs": runs, "fixed_cost_0_rollouts": fixed, "profile": profile,
     })
     C.print_footer(command, path)
     return 0

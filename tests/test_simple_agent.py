@@ -123,3 +123,11 @@ def test_run_rejects_a_row_without_params(scripted):
     status, body = http_json(g.url("simple_weather_simple_agent") + "/run", {"input": "hi"})
     assert status == 400
     assert "responses_create_params" in body["error"]["message"]
+
+
+def test_reset_tool_choice_turns_a_forced_first_call_into_one_call(standins, graph):
+    backend = standins(1)[0]
+    g = graph([VLLM_MODEL, WEATHER], env=weather_env([backend]), args=[f"++{AGENT_CFG}.reset_tool_choice=true"])
+    status, response = http_json(g.url("simple_weather_simple_agent") + "/v1/responses", {**ask("hi"), "tool_choice": "required"})
+    assert status == 200, response
+    assert output_types(response) == ["message", "function_call", "function_call_output", "message"]

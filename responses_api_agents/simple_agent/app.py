@@ -58,6 +58,9 @@ class SimpleAgent(ResponsesAPIAgent):
         max_steps = self.config.get("max_steps")
         self.max_steps = int(max_steps) if max_steps else None
         self.step_cap = min(self.max_steps or HARD_STEP_CAP, int(self.config.get("hard_step_cap", HARD_STEP_CAP)))
+        # After a turn with tool calls, send tool_choice "auto" instead of a forced one, so that
+        # "call a tool first" does not become "call tools forever" (as the OpenAI Agents SDK does).
+        self.reset_tool_choice = bool(self.config.get("reset_tool_choice", False))
         self._to_release: list[str] = []
         self._release_task: asyncio.Task | None = None
 
@@ -113,8 +116,9 @@ class SimpleAgent(ResponsesAPIAgent):
         outputs: list[dict] = []
         usage = None
         response: dict = {}
+        step_params = params
         for step in range(1, self.step_cap + 1):
-            response = await self._call(self.model_server, "/v1/responses", {**params, "input": history + outputs}, session_id, group)
+            response = await self._call(self.model_server, "/v1/responses", {**step_params, "input": history + outputs}, session_id, group)
             turn = response.get("output") or []
             outputs.extend(turn)
             usage = _add_usage(usage, response.get("usage"))
@@ -125,6 +129,8 @@ class SimpleAgent(ResponsesAPIAgent):
                 break
             for call in calls:
                 outputs.append(await self._run_tool(call, tool_names, session_id))
+            if calls and self.reset_tool_choice and params.get("tool_choice") not in (None, "auto", "none"):
+                step_params = {**params, "tool_choice": "auto"}
             if self.max_steps and step >= self.max_steps:
                 break
         return {**response, "output": outputs, "usage": usage}
