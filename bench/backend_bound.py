@@ -5,8 +5,9 @@ N x S / (L / 1000) requests per second; a weather rollout makes 2 model requests
 capacity bound is N x S / (L / 1000) / 2 rollouts/s (3 x 32 / 0.05 / 2 = 960 by default).
 At least N x S requests must be in flight to reach it, so the collector runs at concurrency
 96 (= 3 x 32: only just enough, since a rollout also spends time outside the backends) and
-128 on the default graph. The direct client (bench/direct_client.py) at the same concurrency
-shows what this machine can reach with no servers in between.
+128 on the default graph (and, for comparison, co-located). The direct client
+(bench/direct_client.py) at the same concurrency shows what this machine can reach with no
+servers in between. % of bound uses the collector's own rollouts/s (its startup excluded).
 
     python bench/backend_bound.py
     python bench/backend_bound.py --rollouts 5000 --concurrency 96,128,192 --modes direct,default,colocated
@@ -33,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rollouts", type=int, default=3000)
     p.add_argument("--concurrency", default="96,128")
-    p.add_argument("--modes", default="direct,default", help="subset of direct,default,colocated")
+    p.add_argument("--modes", default="direct,default,colocated",
+                   help="subset of direct,default,colocated (the target is for the default graph)")
     p.add_argument("--standins", type=int, default=3)
     p.add_argument("--latency-ms", type=float, default=50.0)
     p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement; the table shows medians")
+    p.add_argument("--rounds", type=int, default=2, help="repeat every measurement; the table shows medians")
     p.add_argument("--keep-tmp", action="store_true")
     return p
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                     metrics = C.read_json(C.metrics_path_of(out))
                     done = C.count_lines(out)
                     if res.returncode != 0 or done != args.rollouts:
-                        C.console.print(f"[red]{mode} c={c}: exit {res.returncode}, {done}/{args.rollouts}[/red]\n{res.tail()}")
+                        C.fail(f"[red]{mode} c={c}: exit {res.returncode}, {done}/{args.rollouts}[/red]", res.tail())
                     in_run = metrics.get("rollouts_per_s")
                     cmd_rate = done / res.wall_s
                     runs.append({
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         "latency_p50_s": metrics.get("latency_p50_s"), "latency_p95_s": metrics.get("latency_p95_s"),
                         "cpu_s": {"client": res.cpu_s, **res.group_cpu_s},
                         "peak_rss_mb": {"client": res.maxrss_mb, **res.group_peak_rss_mb},
+                        "other_load_cores": res.other_load_cores,
                     })
                     C.console.print(f"  conc {c:>4} {mode:<9}: {in_run} rollouts/s in run, {cmd_rate:.0f} whole command")
                     out.unlink(missing_ok=True)
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         sampler.close()
         C.stop_all()
         work.cleanup()
+
+    C.begin_report()
 
     summary = []
     for c in concurrencies:
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             summary.append({"mode": mode, "concurrency": c, "in_run_rollouts_per_s": med("in_run_rollouts_per_s"),
                             "pct_of_bound_in_run": med("pct_of_bound_in_run"), "rollouts_per_s": med("rollouts_per_s"),
                             "pct_of_bound_cmd": med("pct_of_bound_cmd"), "latency_p50_s": med("latency_p50_s"),
-                            "latency_p95_s": med("latency_p95_s"),
+                            "latency_p95_s": med("latency_p95_s"), "other_load_cores": med("other_load_cores"),
                             "cpu_ms_per_rollout": {"gym_servers": cpu("gym_servers"), "client": cpu("client"),
                                                    "standins": cpu("standins")}})
 
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"--latency-ms {args.latency_ms:g}; bound {bound:,.0f} rollouts/s; {args.rollouts} rollouts",
                   title_justify="left")
     for col in ("mode", "conc", "rollouts/s (in run)", "% of bound", "rollouts/s (whole cmd)", "% of bound (cmd)",
-                "p50 ms", "p95 ms", "CPU ms/rollout: gym servers", "collector / client", "stand-ins"):
+                "p50 ms", "p95 ms", "CPU ms/rollout: gym servers", "collector / client", "stand-ins",
+                "other load (cores)"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for r in summary:
         cpu = r["cpu_ms_per_rollout"]
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                       C.fmt(r["latency_p50_s"] and r["latency_p50_s"] * 1000, 1),
                       C.fmt(r["latency_p95_s"] and r["latency_p95_s"] * 1000, 1),
                       C.fmt(cpu["gym_servers"] if r["mode"] != "direct" else None, 2), C.fmt(cpu["client"], 2),
-                      C.fmt(cpu["standins"], 2))
+                      C.fmt(cpu["standins"], 2), C.fmt(r["other_load_cores"], 2))
     C.console.print(table)
     tgt = []
     for r in summary:
@@ -137,14 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             tgt.append((f"default graph, conc {r['concurrency']}: % of capacity bound", f">= {TARGET_PCT:g}%",
                         C.fmt(pct, 1, "%"), None if pct is None else pct >= TARGET_PCT))
     C.console.print(C.targets_table("Targets (rollouts/s as the collector measures it, startup excluded)", tgt))
+    report = C.end_report()
     path = C.write_results(NAME, {
+        "report": report,
         "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
         "bound_rollouts_per_s": bound,
         "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
         "summary": summary, "runs": runs,
     })
     C.print_footer(command, path)
-    return 0
+    return C.exit_code()
 
 
 if __name__ == "__main__":

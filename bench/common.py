@@ -49,7 +49,32 @@ WEATHER_AGENT = "simple_weather_simple_agent"
 MODEL_KEY = "policy_model.responses_api_models.vllm_model"
 AGENT_KEY = "simple_weather_simple_agent.responses_api_agents.simple_agent"
 
-console = Console(width=None if sys.stdout.isatty() else 220, highlight=False, soft_wrap=False)
+console = Console(width=None if sys.stdout.isatty() else 220, highlight=False, soft_wrap=False, record=True)
+
+
+def begin_report() -> None:
+    """From here on, what is printed is the report (kept in the results JSON for run_all.py)."""
+    console.export_text(clear=True)
+
+
+def end_report() -> str:
+    return console.export_text(clear=True)
+
+
+ERRORS: list[str] = []  # failed or incomplete runs: the script exits 1
+
+
+def fail(message: str, detail: str = "") -> None:
+    ERRORS.append(message)
+    console.print(message)
+    if detail:
+        console.print(detail, markup=False, highlight=False)
+
+
+def exit_code() -> int:
+    if ERRORS:
+        console.print(f"[red]{len(ERRORS)} run(s) failed or were incomplete (see above)[/red]")
+    return 1 if ERRORS else 0
 
 
 def script(name: str) -> str:

@@ -62,19 +62,20 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = C.read_json(C.metrics_path_of(out))
                 done = C.count_lines(out)
                 if res.returncode != 0 or done != n:
-                    C.console.print(f"[red]c={c} rows={n}: exit {res.returncode}, {done}/{n}[/red]\n{res.tail()}")
+                    C.fail(f"[red]c={c} rows={n}: exit {res.returncode}, {done}/{n}[/red]", res.tail())
                 tl = res.timeline
-                # RSS once the run is going (first sample after 10% of it) vs at the end: growth during the run
-                early = next((rss for t, rss in tl if t >= 0.1 * res.wall_s), None)
+                # RSS half way through vs at the end: growth during the run
+                early = next((rss for t, rss in tl if t >= 0.5 * res.wall_s), None)
                 late = tl[-1][1] if tl else None
                 step = max(1, len(tl) // 200)
                 runs.append({
                     "concurrency": c, "rows": n, "rollouts": done, "returncode": res.returncode, "wall_s": res.wall_s,
                     "rollouts_per_s": metrics.get("rollouts_per_s"),
                     "collector_peak_rss_mb": res.maxrss_mb, "collector_sampled_peak_rss_mb": res.sampled_peak_rss_mb,
-                    "rss_at_10pct_mb": C.mb(early), "rss_at_end_mb": C.mb(late),
+                    "rss_at_half_mb": C.mb(early), "rss_at_end_mb": C.mb(late),
                     "collector_cpu_s": res.cpu_s, "gym_servers_cpu_s": res.group_cpu_s.get("gym_servers"),
                     "gym_servers_peak_rss_mb": res.group_peak_rss_mb.get("gym_servers"),
+                    "other_load_cores": res.other_load_cores,
                     "timeline_s_mb": [(t, round(rss / 2**20, 1)) for t, rss in tl[::step]],
                 })
                 C.console.print(f"  conc {c:>5} rows {n:>7}: peak RSS {res.maxrss_mb:6.1f} MB, "
@@ -85,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         C.stop_all()
         work.cleanup()
 
+    C.begin_report()
+
     table = Table(title=f"Collector memory: ng_collect_rollouts peak RSS ({args.mode} graph, zero-latency stand-ins)",
                   title_justify="left")
     for col in ("conc", "input rows", "rollouts/s", "wall s", "peak RSS MB (ru_maxrss)", "sampled peak MB",
-                "RSS at 10% of run MB", "RSS at end MB", "vs smallest row count", "gym servers peak RSS MB"):
+                "RSS half way MB", "RSS at end MB", "vs smallest row count", "gym servers peak RSS MB"):
         table.add_column(col, justify="right")
     tgt = []
     for c in concurrencies:
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in mine:
             table.add_row(str(c), f"{r['rows']:,}", C.fmt(r["rollouts_per_s"], 0), C.fmt(r["wall_s"], 1),
                           C.fmt(r["collector_peak_rss_mb"], 1), C.fmt(r["collector_sampled_peak_rss_mb"], 1),
-                          C.fmt(r["rss_at_10pct_mb"], 1), C.fmt(r["rss_at_end_mb"], 1),
+                          C.fmt(r["rss_at_half_mb"], 1), C.fmt(r["rss_at_end_mb"], 1),
                           C.fmt(100 * (r["collector_peak_rss_mb"] / base - 1), 1, "%"),
                           C.fmt(r["gym_servers_peak_rss_mb"], 0))
         table.add_section()
@@ -111,13 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         tgt.append((f"conc {c}: peak RSS", f"< {MAX_MB:g} MB", C.fmt(max(peaks), 1, " MB"), max(peaks) < MAX_MB))
     C.console.print(table)
     C.console.print(C.targets_table("Targets", tgt))
+    report = C.end_report()
     path = C.write_results(NAME, {
+        "report": report,
         "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
         "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
         "runs": runs,
     })
     C.print_footer(command, path)
-    return 0
+    return C.exit_code()
 
 
 if __name__ == "__main__":

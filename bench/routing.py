@@ -89,7 +89,7 @@ def one_run(args, work: Path, rows: Path, label: str, extra_ngrun: list[str], ex
     metrics = C.read_json(C.metrics_path_of(out))
     done = C.count_lines(out)
     if res.returncode != 0 or done != expected:
-        C.console.print(f"[red]{label}: exit {res.returncode}, {done}/{expected} rollouts[/red]\n{res.tail()}")
+        C.fail(f"[red]{label}: exit {res.returncode}, {done}/{expected} rollouts[/red]", res.tail())
     seen: dict[str, int] = {}
     for per in sessions:
         for sid in per:
@@ -111,6 +111,7 @@ def one_run(args, work: Path, rows: Path, label: str, extra_ngrun: list[str], ex
         "prefix_hits": hits, "prefix_queries": queries,
         "hit_rate_pct": 100 * hits / queries if queries else None,
         "cpu_s": {"collector": res.cpu_s, **res.group_cpu_s},
+        "other_load_cores": res.other_load_cores,
         "ngrun_argv": graph.argv,
     }
 
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         C.stop_all()
         work.cleanup()
 
+    C.begin_report()
+
     summary = []
     for kind, value in [("policy", p) for p in policies] + [("affinity", "on"), ("affinity", "off")]:
         mine = [r for r in runs if r["kind"] == kind and r["value"] == value]
@@ -170,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             "sticky_pct_min": min(r["sticky_pct"] or 0 for r in mine),
             "sessions_per_backend": [C.median(r["sessions_per_backend"][i] for r in mine) for i in range(n_b)],
             "requests_per_backend": [C.median(r["requests_per_backend"][i] for r in mine) for i in range(n_b)],
-            "hit_rate_pct": med("hit_rate_pct"),
+            "hit_rate_pct": med("hit_rate_pct"), "other_load_cores": med("other_load_cores"),
         })
 
     table = Table(title=f"Routing: {args.rollouts} rollouts/run, concurrency {args.concurrency}, 1 slow + "
                         f"{args.standins - 1} fast stand-ins, mixed episode lengths (median of {args.rounds} round(s))",
                   title_justify="left")
     for col in ("run", "wall s (cmd)", "in-run s", "rollouts/s", "p50 ms", "p95 ms", "sticky sessions",
-                "sessions per backend (slow, fast...)", "requests per backend", "prefix hit rate"):
+                "sessions per backend (slow, fast...)", "requests per backend", "prefix hit rate", "other load (cores)"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for r in summary:
         if r["kind"] == "affinity" and r["value"] == "on":
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                       C.fmt(r["sticky_pct_min"], 1, "%"),
                       " / ".join(f"{x:.0f}" for x in r["sessions_per_backend"]),
                       " / ".join(f"{x:.0f}" for x in r["requests_per_backend"]),
-                      C.fmt(r["hit_rate_pct"], 1, "%"))
+                      C.fmt(r["hit_rate_pct"], 1, "%"), C.fmt(r["other_load_cores"], 2))
     C.console.print(table)
 
     by = {(r["kind"], r["value"]): r for r in summary}
@@ -208,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         tgt.append(("group affinity raises the prefix hit rate", "on > off",
                     f"{on['hit_rate_pct']:.1f}% vs {off['hit_rate_pct']:.1f}%", on["hit_rate_pct"] > off["hit_rate_pct"]))
     C.console.print(C.targets_table("Targets", tgt))
+    report = C.end_report()
     path = C.write_results(NAME, {
+        "report": report,
         "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
         "standin_flags": {"slow": slow, "fast": fast},
         "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
         "summary": summary, "runs": runs,
     })
     C.print_footer(command, path)
-    return 0
+    return C.exit_code()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="10,100,400", help="comma-separated concurrency levels")
     p.add_argument("--modes", default=",".join(MODES), help="subset of direct,default,colocated")
     p.add_argument("--standins", type=int, default=3, help="number of vLLM stand-ins")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement; the table shows medians")
+    p.add_argument("--rounds", type=int, default=3, help="repeat every measurement; the table shows medians")
     p.add_argument("--warmup", type=int, default=200, help="rollouts per mode before measuring (not reported)")
     p.add_argument("--profile", action="store_true",
                    help="also py-spy the ng_run children (default mode) at concurrency 100 (needs py-spy)")
@@ -63,7 +63,7 @@ def measure(mode: str, concurrency: int, n: int, rows: Path, work: Path, graphs:
     metrics = C.read_json(C.metrics_path_of(out))
     done = C.count_lines(out)
     if res.returncode != 0 or done != n:
-        C.console.print(f"[red]{mode} c={concurrency}: exit {res.returncode}, {done}/{n} rollouts[/red]\n{res.tail()}")
+        C.fail(f"[red]{mode} c={concurrency}: exit {res.returncode}, {done}/{n} rollouts[/red]", res.tail())
     row = {
         "mode": mode, "concurrency": concurrency, "rollouts": done, "failures": metrics.get("failures"),
         "returncode": res.returncode, "wall_s": res.wall_s,
@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         C.stop_all()
         work.cleanup()
 
+    C.begin_report()
+
     summary = summarize(runs, modes, concurrencies)
     table = render(summary, args)
     C.console.print(table)
@@ -335,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
             C.console.print(f"profile: {profile['error']}")
         else:
             print_profile(profile)
+    report = C.end_report()
     path = C.write_results(NAME, {
+        "report": report,
         "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
         "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
         "summary": summary, "runs": runs, "fixed_cost_0_rollouts": fixed, "profile": profile,
     })
     C.print_footer(command, path)
-    return 0
+    return C.exit_code()
 
 
 if __name__ == "__main__":

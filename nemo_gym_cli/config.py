@@ -323,7 +323,7 @@ def compose(
     resolved = _resolve_all(merged, sources, problems)
     resolved = _normalize_url_lists(resolved)
     composed = Composed(resolved, sources, cli_keys, env_path)
-    if validate and not problems:
+    if validate:  # every problem at once, even with earlier ones
         problems.extend(validate_servers(resolved, sources, cwd))
     if problems:
         raise ConfigError(problems)

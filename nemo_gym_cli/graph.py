@@ -20,8 +20,8 @@ def load_server_class(spec: ServerSpec) -> type[BaseServer]:
         # ahead of the project's folders, as config validation found it (cwd first).
         package = importlib.import_module(spec.server_type)
         type_dir = str(spec.folder.parent)
-        if type_dir not in package.__path__:
-            package.__path__.insert(0, type_dir)
+        if type_dir not in package.__path__:  # (a namespace package's __path__ has no insert)
+            package.__path__ = [type_dir, *[p for p in package.__path__ if p != type_dir]]
     module = importlib.import_module(spec.module)
     classes = [
         obj for obj in vars(module).values()

@@ -25,7 +25,7 @@ from nemo_gym_cli.client import ServerClient
 from nemo_gym_cli.config import Composed, ServerSpec, secret_values
 from nemo_gym_cli.graph import RunningServer, bind_address, build_server, serve
 from nemo_gym_cli.head import HeadServer
-from nemo_gym_cli.logs import make_console, scrub
+from nemo_gym_cli.logs import ScrubbingStream, make_console, scrub
 
 console = make_console(stderr=True)
 LAST_LINES = 40
@@ -101,7 +101,8 @@ class Launcher:
                 self._print_table(time.monotonic() - t0)
                 await self._watch()
         except Exception as e:  # a server that cannot start in colocate mode, etc.
-            console.print(f"[red]ng_run: {type(e).__name__}: {scrub(str(e), self.secrets)}[/red]")
+            message = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+            console.print(f"ng_run: {scrub(message, self.secrets)}", style="red", markup=False)
             self.exit_code = 1
         finally:
             await self._stop_all()
@@ -139,13 +140,21 @@ class Launcher:
 
     async def _start_colocated(self) -> None:
         config = self._config_for_children()
+        if self.secrets:  # servers share our stdout here: mask what they print, as the pump does
+            sys.stdout = ScrubbingStream(sys.stdout, self.secrets)
+            sys.stderr = ScrubbingStream(sys.stderr, self.secrets)
         local: dict = {}
         self.client = ServerClient(config.get("http_client"), self.head.url, local_servers=local)
-        servers = [build_server(spec, config, self.client) for spec in self.specs.values()]
-        for server in servers:
-            local[server.name] = server
-        for spec, server in zip(self.specs.values(), servers):
-            running = await serve(server, *bind_address(spec, config))
+        for spec in self.specs.values():
+            try:
+                local[spec.name] = build_server(spec, config, self.client)
+            except Exception as e:
+                raise RuntimeError(f"server '{spec.name}' ({spec.server_type}/{spec.impl}) cannot start: {type(e).__name__}: {e}") from e
+        for spec in self.specs.values():
+            try:
+                running = await serve(local[spec.name], *bind_address(spec, config))
+            except Exception as e:
+                raise RuntimeError(f"server '{spec.name}' ({spec.server_type}/{spec.impl}) failed to start: {type(e).__name__}: {e}") from e
             self.colocated.append(running)
             self.head.register(spec.name, running.url, os.getpid())
             console.print(f"[{spec.name}] serving {spec.server_type}/{spec.impl} at {running.url} (colocated)", markup=False)

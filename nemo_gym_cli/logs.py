@@ -28,6 +28,19 @@ def scrub(text: str, secrets: set[str]) -> str:
     return text
 
 
+class ScrubbingStream:
+    """A text stream that masks secrets in whatever is written to it (print() included)."""
+
+    def __init__(self, stream, secrets: set[str]):
+        self._stream, self._secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        return self._stream.write(scrub(text, self._secrets))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def setup_logging(level: int = logging.INFO, secrets: set[str] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
