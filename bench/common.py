@@ -311,6 +311,7 @@ class NgRun(Managed):
         _started.append(self)
         self.ps = psutil.Process(self.proc.pid)
         self._tree: list[psutil.Process] | None = None
+        self.names_by_pid: dict[int, str] = {}  # filled by a benchmark that reports CPU per server
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -446,6 +447,7 @@ class CommandResult:
     timeline: list[tuple[float, int]] = field(default_factory=list)
     # CPU seconds of long-lived groups (ng_run tree, stand-ins) during the command
     group_cpu_s: dict[str, float] = field(default_factory=dict)
+    group_cpu_s_by_pid: dict[str, dict[int, float]] = field(default_factory=dict)
     group_peak_rss_mb: dict[str, float | None] = field(default_factory=dict)
     group_peak_one_rss_mb: dict[str, float | None] = field(default_factory=dict)
     # CPU the rest of the machine used meanwhile (other users' processes), in cores
@@ -504,6 +506,7 @@ def run_measured(argv: list[str], cwd: Path, name: str, sampler: Sampler,
         sampled_peak_rss_mb=mb(sampler.peak_sum.get(name)), log_path=str(log_path),
         timeline=list(sampler.timeline.get(name, [])),
         group_cpu_s=group_cpu,
+        group_cpu_s_by_pid={g: {pid: after[g][pid] - before[g].get(pid, 0.0) for pid in after[g]} for g in groups},
         group_peak_rss_mb={g: mb(sampler.peak_sum.get(g)) for g in groups},
         group_peak_one_rss_mb={g: mb(sampler.peak_one.get(g)) for g in groups},
         other_load_cores=max(0.0, busy - cpu_s - me_cpu - sum(group_cpu.values())) / wall if wall > 0 else None,

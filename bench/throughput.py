@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def mode_of(graph: C.NgRun) -> str:
+    return "colocated" if graph.colocate else "default"
+
+
 def measure(mode: str, concurrency: int, n: int, rows: Path, work: Path, graphs: dict, standins: list,
             sampler: C.Sampler, tag: str) -> dict:
     out = work / f"{tag}_{mode}_c{concurrency}.jsonl"
@@ -60,6 +64,11 @@ def measure(mode: str, concurrency: int, n: int, rows: Path, work: Path, graphs:
         groups["gym_servers"] = graph.processes
         argv = C.collector_argv(graph.head_port, rows, out, concurrency, [f"+limit={n}"])
     res = C.run_measured(argv, work, f"{tag}_{mode}_c{concurrency}", sampler, groups)
+    by_process = {}
+    if mode != "direct":
+        names = graphs[mode].names_by_pid
+        for pid, cpu in res.group_cpu_s_by_pid.get("gym_servers", {}).items():
+            by_process[names.get(pid, str(pid))] = cpu
     metrics = C.read_json(C.metrics_path_of(out))
     done = C.count_lines(out)
     if res.returncode != 0 or done != n:
@@ -74,6 +83,7 @@ def measure(mode: str, concurrency: int, n: int, rows: Path, work: Path, graphs:
         "peak_rss_mb": {"client": res.maxrss_mb, "client_sampled": res.sampled_peak_rss_mb, **res.group_peak_rss_mb},
         "peak_rss_one_process_mb": res.group_peak_one_rss_mb,
         "other_load_cores": res.other_load_cores,
+        "gym_cpu_s_by_process": by_process,
         "argv": res.argv,
     }
     per = 1000 / done if done else None
@@ -115,6 +125,9 @@ def summarize(runs: list[dict], modes: list[str], concurrencies: list[int]) -> l
                 "peak_rss_one_process_mb": {k: med(lambda r, k=k: r["peak_rss_one_process_mb"].get(k))
                                             for k in ("gym_servers", "standins")},
                 "other_load_cores": med(lambda r: r["other_load_cores"]),
+                "gym_cpu_ms_per_rollout_by_process": {
+                    k: med(lambda r, k=k: r["gym_cpu_s_by_process"].get(k, 0) * 1000 / r["rollouts"] if r["rollouts"] else None)
+                    for k in mine[0].get("gym_cpu_s_by_process", {})},
                 "failures": sum(r["failures"] or 0 for r in mine),
             })
     return rows
@@ -165,16 +178,19 @@ def targets(summary: list[dict]) -> list[tuple[str, str, str, bool | None]]:
     return out
 
 
-PROFILE_CATEGORIES = (  # first match wins; matched against "function (file:line)"
-    ("aiohttp: HTTP server", ("aiohttp/web_", "aiohttp/_http_parser", "aiohttp/http_parser", "aiohttp/base_protocol")),
-    ("aiohttp: HTTP client", ("aiohttp/client", "aiohttp/connector", "aiohttp/http_writer", "aiohttp/payload",
-                              "aiohttp/streams", "aiohttp/tracing", "aiohttp/helpers", "aiohttp/cookiejar")),
+PROFILE_CATEGORIES = (  # first match wins; matched against the leaf frame "function (file:line)"
+    ("aiohttp: socket writes (http_writer -> transport.write; on loopback the send also runs the receiver's TCP)",
+     ("aiohttp/http_writer",)),
+    ("aiohttp: HTTP server (parsing, dispatch, responses)", ("aiohttp/web_", "aiohttp/_http_parser", "aiohttp/http_parser",
+                                                            "aiohttp/base_protocol")),
+    ("aiohttp: HTTP client (requests, pool, timeouts, response parsing)", ("aiohttp/",)),
     ("multidict / yarl (headers, URLs)", ("multidict", "yarl/")),
     ("prometheus_client (metrics)", ("prometheus_client",)),
-    ("asyncio / uvloop internals", ("asyncio/", "uvloop", "<frozen", "selectors")),
+    ("event loop: uvloop C code (epoll, socket reads, timers) / asyncio", ("asyncio/", "uvloop", "<frozen", "selectors")),
     ("JSON (orjson / json)", ("orjson", "json/")),
     ("gym: routing", ("nemo_gym_cli/routing",)),
-    ("gym: server base / client", ("nemo_gym_cli/server.py", "nemo_gym_cli/client.py", "nemo_gym_cli/servers.py")),
+    ("gym: server base / client (incl. local dispatch JSON copies)", ("nemo_gym_cli/server.py", "nemo_gym_cli/client.py",
+                                                                      "nemo_gym_cli/servers.py")),
     ("gym: model adapter (conversion, upstream)", ("responses_api_models/", "nemo_gym_cli/upstream.py")),
     ("gym: agent / resources", ("responses_api_agents/", "resources_servers/")),
     ("gym: other", ("nemo_gym_cli/",)),
@@ -296,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                 graphs[mode] = C.NgRun(work.path, f"ng_run_{mode}", urls, colocate=(mode == "colocated"))
         for g in graphs.values():
             g.wait_ready()
+            g.names_by_pid = {}
+            for name, pid in g.pids().items():
+                g.names_by_pid[pid] = "ng_run (head + all servers)" if mode_of(g) == "colocated" else (
+                    "ng_run (head)" if name == "ng_run" else name)
             C.console.print(f"ng_run {g.name}: ready in {g.startup_s:.1f} s, processes: {len(g.processes())}")
         if args.warmup:
             for mode in modes:
@@ -330,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
                             f"{m}: {f['wall_s']:.2f} s wall, {f['cpu_s']['client'] * 1000:.0f} ms CPU "
                             f"(= {f['cpu_s']['client'] * 1000 / args.rollouts:.2f} ms/rollout over {args.rollouts})"
                             for m, f in fixed.items()))
+    for r in summary:
+        if r["concurrency"] == TARGET_CONCURRENCY and r.get("gym_cpu_ms_per_rollout_by_process"):
+            parts = sorted(r["gym_cpu_ms_per_rollout_by_process"].items(), key=lambda kv: -(kv[1] or 0))
+            C.console.print(f"{r['mode']} graph at conc {TARGET_CONCURRENCY}, CPU ms/rollout by process: "
+                            + ", ".join(f"{k} {C.fmt(v, 2)}" for k, v in parts)
+                            + f"; collector {C.fmt(r['cpu_ms_per_rollout'].get('client'), 2)}")
     tgt = targets(summary)
     C.console.print(C.targets_table("Targets", tgt))
     if profile:

@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/ng_run" ]; then
   echo "== installing into $VENV"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e "$ROOT"
+  "$VENV/bin/pip" install -q -e "$ROOT" 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
 BIN="$VENV/bin"
 

@@ -9,6 +9,6 @@ if [ ! -x "$VENV/bin/pytest" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
 fi
-"$VENV/bin/pip" install -q -e "$ROOT[test]"
+"$VENV/bin/pip" install -q -e "$ROOT[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
