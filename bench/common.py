@@ -649,9 +649,21 @@ class Workdir:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM behaves like Ctrl-C, so `finally: stop_all()` runs."""
+    """SIGTERM (and SIGINT, even where a background shell ignores it) behave like Ctrl-C, so
+    `finally: stop_all()` runs."""
 
-    def on_term(signum, frame):
+    def on_signal(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Run a benchmark's main(); Ctrl-C / SIGTERM: everything started is stopped, exit 130."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        stop_all()
+        console.print("[yellow]interrupted: stopped everything this benchmark started[/yellow]")
+        return 130

@@ -17,7 +17,7 @@ vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total over all stand-in
 for every run (fresh caches and counters).
 
     python bench/routing.py
-    python bench/routing.py --rollouts 1200 --concurrency 32 --rounds 3
+    python bench/routing.py --rollouts 600 --concurrency 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ POLICIES = ("least_loaded", "round_robin", "hash")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rollouts", type=int, default=600, help="rollouts per run (policy runs: distinct rows)")
+    p.add_argument("--rollouts", type=int, default=1500,
+                   help="rollouts per run (policy runs: distinct rows); short runs are dominated by start and tail")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--latency-ms", type=float, default=10.0, help="fast stand-ins' --latency-ms")
@@ -224,4 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(C.run_main(main))

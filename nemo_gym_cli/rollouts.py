@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
-import statistics
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -61,19 +61,29 @@ class Job:
     error: str | None = None
 
 
+LATENCY_SAMPLES = 20_000  # a uniform sample of rollout latencies: p50/p95 in bounded memory
+
+
 @dataclass
 class Stats:
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     failed: int = 0
     skipped: int = 0
-    latencies: array = field(default_factory=lambda: array("d"))
+    latencies: array = field(default_factory=lambda: array("d"))  # reservoir sample
+    latency_sum: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)  # numeric verify fields (reward, ...)
     counts: dict[str, int] = field(default_factory=dict)
 
     def add_result(self, result: dict, latency: float) -> None:
         self.done += 1
-        self.latencies.append(latency)
+        self.latency_sum += latency
+        if len(self.latencies) < LATENCY_SAMPLES:
+            self.latencies.append(latency)
+        else:  # reservoir sampling: every rollout has the same chance to be in the sample
+            slot = random.randrange(self.done)
+            if slot < LATENCY_SAMPLES:
+                self.latencies[slot] = latency
         for key, value in result.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("_ng_"):
                 self.sums[key] = self.sums.get(key, 0.0) + value
@@ -314,8 +324,8 @@ class Collector:
         counts: dict[str, float] = {}
         for url in urls:
             try:
-                async with self.client.http.get(f"{url}/metrics", timeout=_short_timeout()) as resp:
-                    text = await resp.text()
+                status, raw = await self.client.raw_request("GET", f"{url}/metrics", None, None, 5)
+                text = raw.decode()
             except Exception:
                 continue
             for line in text.splitlines():
@@ -348,7 +358,7 @@ class Collector:
             "rollouts_per_s": round(s.done / elapsed, 2) if elapsed > 0 else None,
             "latency_p50_s": pct(0.50),
             "latency_p95_s": pct(0.95),
-            "latency_mean_s": round(statistics.fmean(lat), 4) if lat else None,
+            "latency_mean_s": round(s.latency_sum / s.done, 4) if s.done else None,
             "concurrency": self.concurrency,
             "means": {k: round(s.sums[k] / s.counts[k], 6) for k in sorted(s.sums)},
             "requests_per_backend": spread,
@@ -378,12 +388,6 @@ class Collector:
             table.add_row("interrupted", "yes: complete with +resume=true")
         self.console.print(table)
         self.console.print(f"metrics: {self.metrics_path}")
-
-
-def _short_timeout():
-    import aiohttp
-
-    return aiohttp.ClientTimeout(total=5)
 
 
 async def collect(composed: Composed) -> int:

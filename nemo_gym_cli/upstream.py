@@ -18,7 +18,7 @@ from nemo_gym_cli.config import parse_url_list
 from nemo_gym_cli.routing import UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router
 from nemo_gym_cli.server import GROUP_HEADER, SESSION_HEADER, BaseServer, HTTPError, RequestContext
 
-CONNECTION_FAILURES = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+CONNECTION_FAILURES = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
 RETRY_SAME_BACKEND = frozenset({429, 500})
 
 
@@ -43,8 +43,7 @@ class Upstream:
         self.headers = {"Content-Type": "application/json"}
         if api_key and api_key != "EMPTY":
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self.timeout = aiohttp.ClientTimeout(total=float(cfg.get("timeout_s", 600)),
-                                             sock_connect=float(cfg.get("connect_timeout_s", 10)))
+        self.timeout_s = float(cfg.get("timeout_s", 600))
         self.max_retries = int(cfg.get("max_retries", 3))
         self.router = Router(
             urls,
@@ -70,9 +69,7 @@ class Upstream:
             url = (backend.root_url if at_root else backend.url) + path
             for retry in range(self.max_retries + 1):
                 try:
-                    async with self.server.client.http.post(url, data=data, headers=headers, timeout=self.timeout) as resp:
-                        raw = await resp.read()
-                        status = resp.status
+                    status, raw = await self.server.client.raw_request("POST", url, data, headers, self.timeout_s)
                 except CONNECTION_FAILURES as e:
                     raise BackendUnavailable(f"{type(e).__name__}: {e}".rstrip(": ")) from None
                 if status < 400:
