@@ -282,7 +282,7 @@ class Collector:
         record = {"_ng_task_index": job.task, "_ng_rollout_index": job.rollout, "line": job.line, "status": status, "reason": reason}
         os.write(self.fail_fd, orjson.dumps(record) + b"\n")
         if job.row is None or status is None:
-            self.console.print(f"[yellow]skipped: {reason}[/yellow]", markup=True, highlight=False)
+            self.console.print(f"skipped: {reason}", style="yellow", markup=False)
 
     def _on_signal(self) -> None:
         self.interrupted = True

@@ -19,9 +19,9 @@ async def show_status(config: dict) -> int:
         try:
             servers = await client.servers()
         except ServerCallError as e:
-            console.print(f"[red]ng_status: no head server at {client.head_url} ({e.message}).[/red]\n"
+            console.print(f"ng_status: no head server at {client.head_url} ({e.message}).\n"
                           f"Start the graph with: ng_run \"+config_paths=[...]\" "
-                          f"(or point at it with +head_server.host=... +head_server.port=...)")
+                          f"(or point at it with +head_server.host=... +head_server.port=...)", style="red", markup=False)
             return 1
 
         async def check(s: dict) -> str:
