@@ -10,7 +10,6 @@ exponential backoff and full jitter on connection errors, 429 and 5xx.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +21,6 @@ from nemo_gym_cli.server import SESSION_HEADER, HTTPError
 
 if TYPE_CHECKING:
     from nemo_gym_cli.server import BaseServer
-
-log = logging.getLogger("nemo_gym.client")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Error types our servers give when *their* upstream failed after their own retries: retrying
@@ -148,12 +145,6 @@ class ServerClient:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
         return await self.request_json("POST", url, body, headers=headers, server=server, timeout_s=timeout_s,
                                        retry_statuses=retry_statuses)
-
-    async def get(self, server: str, path: str, *, timeout_s: float | None = None) -> Any:
-        local = self.local_servers.get(server)
-        if local is not None:
-            return await self._local_call(local, "GET", path, None, None, RETRY_STATUSES)
-        return await self.request_json("GET", await self.url_of(server) + path, server=server, timeout_s=timeout_s)
 
     async def _local_call(self, server: "BaseServer", method: str, path: str, body: Any, session_id: str | None,
                           retry_statuses: frozenset[int], headers: dict | None = None) -> Any:

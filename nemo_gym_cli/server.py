@@ -22,7 +22,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from nemo_gym_cli.client import ServerClient
 
-log = logging.getLogger("nemo_gym")
 disable_created_metrics()  # the *_created series are noise in every scrape
 
 SESSION_HEADER = "X-Session-ID"
