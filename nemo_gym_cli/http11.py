@@ -219,8 +219,11 @@ class LeanHTTP:
                 try:
                     result = await conn.roundtrip(request)
                 except StaleConnection:
+                    # The server closed it while idle (it never saw this request); the other idle
+                    # connections are most likely closed too (idle timeout, restart): drop them all.
                     conn.close()
-                    continue  # the server closed it while idle: it never saw this request
+                    pool.close()
+                    continue
                 except BaseException:
                     conn.close()  # e.g. a timeout mid-response: the connection is unusable
                     raise
