@@ -415,8 +415,6 @@ def run_guide_snippet(snippet: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_guides_judge_command(tmp_path):
-    if not (PROJECT_ROOT / JUDGE_ENV).exists():
-        pytest.skip(f"{JUDGE_ENV} is not in the project yet")
     write_env(tmp_path, {**POLICY_ENV, **JUDGE_ENV_YAML})
     full = run_guide_snippet("""
         config_paths="responses_api_models/vllm_model/configs/vllm_model.yaml,\\
