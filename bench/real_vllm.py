@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -34,7 +33,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from real_vllm_harness import ensure_installed, free_port, start_real_vllm  # noqa: E402
+from real_vllm_harness import ensure_installed, free_port, start_real_vllms  # noqa: E402
 
 BIN = Path(sys.executable).parent
 AGENT = "simple_weather_simple_agent"
@@ -174,22 +173,8 @@ def main() -> int:
         print("cannot run:", why, file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="bench_real_vllm_"))
-    servers, errors = [], []
-
-    def start(i: int) -> None:
-        try:
-            servers.append(start_real_vllm(free_port(), workdir / f"vllm_{i}.log"))
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    servers = start_real_vllms(2, workdir)
     try:
-        if errors:
-            raise errors[0]
         urls = [s.base_url for s in servers]
         print(f"2 vLLM servers up ({', '.join(f'{s.startup_s:.0f} s' for s in servers)}); logs in {workdir}", file=sys.stderr)
         asyncio.run(direct(urls, 2 * args.concurrency, args.concurrency))  # warm-up: first requests are slow

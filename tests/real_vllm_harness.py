@@ -192,6 +192,30 @@ def start_real_vllm(port: int, log_path, *, model: str | os.PathLike | None = No
     return srv
 
 
+def start_real_vllms(n: int, log_dir) -> list[RealVLLM]:
+    """Start n servers at once (startup is ~15 s each; in parallel it overlaps), logs in
+    log_dir/vllm_<i>.log. If any fails, the others are stopped and its error is raised."""
+    started: dict[int, RealVLLM] = {}
+    errors: list[BaseException] = []
+
+    def start(i: int) -> None:
+        try:
+            started[i] = start_real_vllm(free_port(), Path(log_dir) / f"vllm_{i}.log")
+        except Exception as e:  # noqa: BLE001 - raised below, after the threads end
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for srv in started.values():
+            srv.stop()
+        raise errors[0]
+    return [started[i] for i in range(n)]
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

@@ -13,14 +13,13 @@ Skipped only when the real vLLM cannot be installed (scripts/real_vllm/install.s
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 
 import pytest
 
 from conftest import VLLM_MODEL, WEATHER, http_json, run_cli, wait_until
-from real_vllm_harness import ensure_installed, free_port, start_real_vllm
+from real_vllm_harness import ensure_installed, start_real_vllms
 
 pytestmark = pytest.mark.real_vllm
 
@@ -44,26 +43,11 @@ def vllms(tmp_path_factory):
     ok, why = ensure_installed()
     if not ok:
         pytest.skip(why)
-    logs = tmp_path_factory.mktemp("real_vllm")
-    started, errors = {}, []
-
-    def start(i: int) -> None:
-        try:
-            started[i] = start_real_vllm(free_port(), logs / f"vllm_{i}.log")
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    servers = start_real_vllms(2, tmp_path_factory.mktemp("real_vllm"))
     try:
-        if errors:
-            raise errors[0]
-        yield [started[0], started[1]]
+        yield servers
     finally:
-        for srv in started.values():
+        for srv in servers:
             srv.stop()
 
 
