@@ -55,12 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     C.console.print(f"capacity bound = {args.standins} backends x {args.max_num_seqs} seqs / {args.latency_ms / 1000:g} s "
                     f"per request / {REQUESTS_PER_ROLLOUT} requests per rollout = {bound:,.0f} rollouts/s "
                     f"(per-token latency 0; needs >= {args.standins * args.max_num_seqs} requests in flight)")
-    C.install_signal_handlers()
-    work = C.Workdir("ng_bench_backend_bound_", args.keep_tmp)
-    sampler = C.Sampler()
-    sampler.start()
     runs: list[dict] = []
-    try:
+    with C.bench_session("backend_bound", args.keep_tmp) as (work, sampler):
         rows = C.write_jsonl(work.path / "rows.jsonl", (C.weather_row(i) for i in range(args.rollouts)))
         flags = ["--latency-ms", f"{args.latency_ms:g}", "--max-num-seqs", str(args.max_num_seqs)]
         standins = C.start_standins(work.path, [flags] * args.standins)
@@ -97,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
                     })
                     C.console.print(f"  conc {c:>4} {mode:<9}: {in_run} rollouts/s in run, {cmd_rate:.0f} whole command")
                     out.unlink(missing_ok=True)
-    finally:
-        sampler.close()
-        C.stop_all()
-        work.cleanup()
 
     C.begin_report()
 

@@ -16,6 +16,7 @@ Measurement:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -646,6 +647,23 @@ class Workdir:
         import shutil
 
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bench_session(name: str, keep_tmp: bool):
+    """One benchmark run: Ctrl-C/SIGTERM handling, a temporary working directory and the
+    resource sampler; at the end every process it started is stopped and the directory removed.
+    Yields (workdir, sampler)."""
+    install_signal_handlers()
+    work = Workdir(f"ng_bench_{name}_", keep_tmp)
+    sampler = Sampler()
+    sampler.start()
+    try:
+        yield work, sampler
+    finally:
+        sampler.close()
+        stop_all()
+        work.cleanup()
 
 
 def install_signal_handlers() -> None:

@@ -44,12 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     row_counts = C.parse_int_list(args.rows)
     concurrencies = C.parse_int_list(args.concurrency)
     C.print_header("bench/memory.py", command)
-    C.install_signal_handlers()
-    work = C.Workdir("ng_bench_memory_", args.keep_tmp)
-    sampler = C.Sampler()
-    sampler.start()
     runs: list[dict] = []
-    try:
+    with C.bench_session("memory", args.keep_tmp) as (work, sampler):
         files = {n: C.write_jsonl(work.path / f"rows_{n}.jsonl", (C.weather_row(i) for i in range(n))) for n in row_counts}
         standins = C.start_standins(work.path, [[] for _ in range(args.standins)])
         graph = C.NgRun(work.path, f"ng_run_{args.mode}", [s.url for s in standins],
@@ -81,10 +77,6 @@ def main(argv: list[str] | None = None) -> int:
                 C.console.print(f"  conc {c:>5} rows {n:>7}: peak RSS {res.maxrss_mb:6.1f} MB, "
                                 f"{metrics.get('rollouts_per_s')} rollouts/s, {res.wall_s:.1f} s")
                 out.unlink(missing_ok=True)
-    finally:
-        sampler.close()
-        C.stop_all()
-        work.cleanup()
 
     C.begin_report()
 

@@ -128,12 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     C.console.print(f"stand-ins: 1 slow ({' '.join(slow)}) + {args.standins - 1} fast ({' '.join(fast)}); "
                     f"every {args.long_every}th row a long episode ({args.long_steps} model turns, tool_choice=required), "
                     f"others 2 turns; {args.context_words} row-specific words per prompt; concurrency {args.concurrency}")
-    C.install_signal_handlers()
-    work = C.Workdir("ng_bench_routing_", args.keep_tmp)
-    sampler = C.Sampler()
-    sampler.start()
     runs: list[dict] = []
-    try:
+    with C.bench_session("routing", args.keep_tmp) as (work, sampler):
         rows = C.write_jsonl(work.path / "rows.jsonl", rows_for(args, args.rollouts))
         group_rows = max(1, args.rollouts // args.num_repeats)
         grows = C.write_jsonl(work.path / "group_rows.jsonl", rows_for(args, group_rows))
@@ -153,10 +149,6 @@ def main(argv: list[str] | None = None) -> int:
                 C.console.print(f"  round {rnd} {label:<40} wall {r['wall_s']:6.2f} s, in run {r['in_run_s']} s, "
                                 f"sticky {C.fmt(r['sticky_pct'], 1)}%, hit rate {C.fmt(r['hit_rate_pct'], 1)}%, "
                                 f"sessions/backend {r['sessions_per_backend']}")
-    finally:
-        sampler.close()
-        C.stop_all()
-        work.cleanup()
 
     C.begin_report()
 

@@ -294,14 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = C.parse_int_list(args.concurrency)
     modes = [m for m in C.parse_str_list(args.modes) if m in MODES]
     C.print_header("bench/throughput.py", command)
-    C.install_signal_handlers()
-    work = C.Workdir("ng_bench_throughput_", args.keep_tmp)
-    sampler = C.Sampler()
-    sampler.start()
     runs: list[dict] = []
     fixed: dict[str, dict] = {}
     profile = None
-    try:
+    with C.bench_session("throughput", args.keep_tmp) as (work, sampler):
         n_rows = max(args.rollouts, args.warmup)
         rows = C.write_jsonl(work.path / "rows.jsonl", (C.weather_row(i) for i in range(n_rows)))
         standins = C.start_standins(work.path, [[] for _ in range(args.standins)])
@@ -334,10 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile and graphs:
             C.console.print(f"profiling every ng_run process with py-spy at concurrency {TARGET_CONCURRENCY} ...")
             profile = profile_graphs(graphs, rows, work.path, TARGET_CONCURRENCY, args.rollouts)
-    finally:
-        sampler.close()
-        C.stop_all()
-        work.cleanup()
 
     C.begin_report()
 
