@@ -1,6 +1,6 @@
 """Fixtures that start real processes on free ports and poll for readiness (never fixed sleeps).
 
-- `standins(n, *flags)`: local vLLM stand-ins (`python -m nemo_gym_cli.vllm_standin`).
+- `standins(n, *flags)`: local vLLM stand-ins (`python -m nemo_gym_cli.testing.vllm_standin`).
 - `graph(config_paths, env=..., args=...)`: a real `ng_run` in a temporary working directory,
   with its own head server port; waits until every server answers, stops it at teardown.
 - `run_cli(...)`: runs a console script (ng_collect_rollouts, ng_dump_config, ...) to completion.
@@ -92,7 +92,7 @@ class StandIn:
         port_file = tmp / f"standin_{free_port()}.port"
         self.log_path = port_file.with_suffix(".log")
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([PY, "-m", "nemo_gym_cli.vllm_standin", "--port", "0", "--port-file", str(port_file), *flags],
+        self.proc = subprocess.Popen([PY, "-m", "nemo_gym_cli.testing.vllm_standin", "--port", "0", "--port-file", str(port_file), *flags],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.port = int(wait_until(lambda: port_file.exists() and port_file.read_text().strip(), 30, "stand-in port"))
         self.root = f"http://127.0.0.1:{self.port}"

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from nemo_gym_cli.http11 import LeanHTTP
+from nemo_gym_cli.serving.http11 import LeanHTTP
 
 
 async def start(app: web.Application, **kwargs) -> tuple[web.AppRunner, str]:

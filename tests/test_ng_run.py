@@ -51,7 +51,7 @@ def server_processes(cwd: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if "nemo_gym_cli.server_process" in " ".join(proc.info["cmdline"] or []) and Path(proc.cwd()) == cwd \
+            if "nemo_gym_cli.graph.child" in " ".join(proc.info["cmdline"] or []) and Path(proc.cwd()) == cwd \
                     and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -48,7 +48,7 @@ class Standin:
         self.port_file = workdir / f"port-{uuid.uuid4().hex}"
         self.log = open(workdir / f"standin-{uuid.uuid4().hex}.log", "w+")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        cmd = [sys.executable, "-m", "nemo_gym_cli.vllm_standin", "--port", "0", "--port-file", str(self.port_file), *args]
+        cmd = [sys.executable, "-m", "nemo_gym_cli.testing.vllm_standin", "--port", "0", "--port-file", str(self.port_file), *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = self._wait_ready()
 

@@ -14,10 +14,10 @@ import contextlib
 import re
 from typing import Any
 
-from nemo_gym_cli.client import ServerCallError
+from nemo_gym_cli.serving.client import ServerCallError
 from nemo_gym_cli.config import resolve_path
-from nemo_gym_cli.server import HTTPError, RequestContext, require, route
-from nemo_gym_cli.servers import SimpleResourcesServer
+from nemo_gym_cli.serving import HTTPError, RequestContext, require, route
+from nemo_gym_cli.serving import SimpleResourcesServer
 
 NO_ANSWER = "[NO VALID ANSWER EXTRACTED]"  # what the judge sees when the answer regex finds nothing
 

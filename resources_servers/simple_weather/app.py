@@ -1,7 +1,7 @@
 """The weather environment: one tool, and every episode is rewarded (as in NeMo Gym)."""
 
-from nemo_gym_cli.server import require, route
-from nemo_gym_cli.servers import SimpleResourcesServer
+from nemo_gym_cli.serving import require, route
+from nemo_gym_cli.serving import SimpleResourcesServer
 
 
 class SimpleWeatherResourcesServer(SimpleResourcesServer):

@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
-from nemo_gym_cli.client import ServerCallError
-from nemo_gym_cli.server import GROUP_HEADER, HTTPError, RequestContext, new_session_id, require, route
-from nemo_gym_cli.servers import ResponsesAPIAgent
+from nemo_gym_cli.serving.client import ServerCallError
+from nemo_gym_cli.serving import GROUP_HEADER, HTTPError, RequestContext, new_session_id, require, route
+from nemo_gym_cli.serving import ResponsesAPIAgent
 
 HARD_STEP_CAP = 100  # an episode that never ends (e.g. reasoning forever) stops here
 RELEASE_BATCH_S = 0.1  # finished sessions are released in batches: one call, not one per rollout

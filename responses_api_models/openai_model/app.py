@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_gym_cli.server import HTTPError, RequestContext, route
-from nemo_gym_cli.servers import UpstreamModel
+from nemo_gym_cli.serving import HTTPError, RequestContext, route
+from nemo_gym_cli.routing.model_server import UpstreamModel
 
 
 class OpenAIModel(UpstreamModel):

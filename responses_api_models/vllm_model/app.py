@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_gym_cli.server import HTTPError, RequestContext, route
-from nemo_gym_cli.servers import UpstreamModel
+from nemo_gym_cli.serving import HTTPError, RequestContext, route
+from nemo_gym_cli.routing.model_server import UpstreamModel
 from responses_api_models.vllm_model.conversion import (
     chat_to_response,
     incomplete_response,

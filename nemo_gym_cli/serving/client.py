@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from nemo_gym_cli.http11 import LeanHTTP
-from nemo_gym_cli.server import SESSION_HEADER, HTTPError
+from nemo_gym_cli.serving.http11 import LeanHTTP
+from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 
 if TYPE_CHECKING:
-    from nemo_gym_cli.server import BaseServer
+    from nemo_gym_cli.serving.base import BaseServer
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Error types our servers give when *their* upstream failed after their own retries: retrying

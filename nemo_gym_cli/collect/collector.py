@@ -19,10 +19,10 @@ from typing import Any, Iterator
 
 import orjson
 
-from nemo_gym_cli.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 from nemo_gym_cli.config import Composed, resolve_path
-from nemo_gym_cli.logs import make_console
-from nemo_gym_cli.server_process import head_url
+from nemo_gym_cli.serving.logs import make_console
+from nemo_gym_cli.config import head_url
 
 HELP = """usage: ng_collect_rollouts +agent_name=NAME +input_jsonl_fpath=IN.jsonl +output_jsonl_fpath=OUT.jsonl
                            [+limit=N] [+num_repeats=N] [+concurrency=N] [+resume=true]

@@ -12,8 +12,8 @@ from typing import Callable
 
 
 from nemo_gym_cli.config import ConfigError, Composed, compose, dump_yaml, secret_values
-from nemo_gym_cli.logs import make_console, setup_logging
-from nemo_gym_cli.runtime import run_async
+from nemo_gym_cli.serving.logs import make_console, setup_logging
+from nemo_gym_cli.serving.runtime import run_async
 
 err = make_console(stderr=True)
 
@@ -42,7 +42,7 @@ def _args(command: str) -> list[str]:
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
         if command == "ng_collect_rollouts":
-            from nemo_gym_cli.rollouts import HELP as collect_help
+            from nemo_gym_cli.collect.collector import HELP as collect_help
 
             print(collect_help)
         else:
@@ -66,7 +66,7 @@ def _main(command: str, body: Callable[[Composed], int], **compose_kwargs) -> No
 
 
 def ng_run() -> None:
-    from nemo_gym_cli.launcher import run_graph
+    from nemo_gym_cli.graph.launcher import run_graph
 
     _main("ng_run", lambda c: run_async(run_graph(c)))
 
@@ -78,12 +78,12 @@ def ng_dump_config() -> None:
 
 
 def ng_status() -> None:
-    from nemo_gym_cli.status import show_status
+    from nemo_gym_cli.cli.status import show_status
 
     _main("ng_status", lambda c: run_async(show_status(c.config)), validate=False)
 
 
 def ng_collect_rollouts() -> None:
-    from nemo_gym_cli.rollouts import collect
+    from nemo_gym_cli.collect.collector import collect
 
     _main("ng_collect_rollouts", lambda c: run_async(collect(c)), strict_cli=True, validate=False)

@@ -21,11 +21,11 @@ import orjson
 
 from rich.table import Table
 
-from nemo_gym_cli.client import ServerClient
+from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.config import Composed, ServerSpec, secret_values
-from nemo_gym_cli.graph import RunningServer, bind_address, build_server, serve
-from nemo_gym_cli.head import HeadServer
-from nemo_gym_cli.logs import ScrubbingStream, make_console, scrub
+from nemo_gym_cli.graph.build import RunningServer, bind_address, build_server, serve
+from nemo_gym_cli.graph.head import HeadServer
+from nemo_gym_cli.serving.logs import ScrubbingStream, make_console, scrub
 
 console = make_console(stderr=True)
 LAST_LINES = 40
@@ -126,7 +126,7 @@ class Launcher:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for name, spec in self.specs.items():
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nemo_gym_cli.server_process", str(config_file), name,
+                sys.executable, "-m", "nemo_gym_cli.graph.child", str(config_file), name,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                 env=env, start_new_session=True, preexec_fn=_die_with_parent,
             )

@@ -6,7 +6,7 @@ rollout stack reacts to (scheduler queueing, prefix cache hits, context-length 4
 /tokenize, /metrics) and is fast enough that benchmarks measure our stack, not this fake.
 
 Run it with `ng_vllm_standin --port 0 --port-file /tmp/port` or
-`python -m nemo_gym_cli.vllm_standin`. See `build_parser()` for the flags.
+`python -m nemo_gym_cli.testing.vllm_standin`. See `build_parser()` for the flags.
 
 Behaviour in one paragraph: with tools and tool_choice "required" (or a named function)
 it always calls a tool; with tool_choice "auto" it calls the first tool while fewer than

@@ -1,6 +1,6 @@
 """One server of the graph in its own process (started by ng_run).
 
-python -m nemo_gym_cli.server_process CONFIG_JSON INSTANCE_NAME
+python -m nemo_gym_cli.graph.child CONFIG_JSON INSTANCE_NAME
 
 Binds its own port (0 unless configured), registers {name, url, pid} with the head server,
 serves until SIGTERM/SIGINT, then shuts down cleanly.
@@ -15,11 +15,11 @@ import sys
 
 import orjson
 
-from nemo_gym_cli.client import ServerClient
+from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.config import secret_values, server_specs
-from nemo_gym_cli.graph import bind_address, build_server, serve
-from nemo_gym_cli.logs import setup_logging
-from nemo_gym_cli.runtime import run_async
+from nemo_gym_cli.graph.build import bind_address, build_server, serve
+from nemo_gym_cli.serving.logs import setup_logging
+from nemo_gym_cli.serving.runtime import run_async
 
 
 def head_url(config: dict) -> str:

@@ -7,9 +7,9 @@ import asyncio
 
 from rich.table import Table
 
-from nemo_gym_cli.client import ServerCallError, ServerClient
-from nemo_gym_cli.logs import make_console
-from nemo_gym_cli.server_process import head_url
+from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.logs import make_console
+from nemo_gym_cli.config import head_url
 
 
 async def show_status(config: dict) -> int:

@@ -13,10 +13,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from nemo_gym_cli.client import backoff_delay, error_message
+from nemo_gym_cli.serving.client import backoff_delay, error_message
 from nemo_gym_cli.config import parse_url_list
 from nemo_gym_cli.routing import UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router
-from nemo_gym_cli.server import GROUP_HEADER, SESSION_HEADER, BaseServer, HTTPError, RequestContext
+from nemo_gym_cli.serving.base import BaseServer
+from nemo_gym_cli.serving.protocol import GROUP_HEADER, SESSION_HEADER, HTTPError, RequestContext
 
 CONNECTION_FAILURES = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
 RETRY_SAME_BACKEND = frozenset({429, 500})

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from nemo_gym_cli.client import ServerClient
+from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.config import ServerSpec
-from nemo_gym_cli.server import BaseServer
+from nemo_gym_cli.serving.base import BaseServer
 
 
 def load_server_class(spec: ServerSpec) -> type[BaseServer]:

@@ -9,7 +9,6 @@ resolved dict: servers read it without OmegaConf on the hot path.
 from __future__ import annotations
 
 import difflib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,10 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
-SERVER_TYPES = ("responses_api_models", "resources_servers", "responses_api_agents")
+from nemo_gym_cli.config.paths import CONF_DIR, normalize_url_lists, resolve_path, search_roots
+from nemo_gym_cli.config.secrets import mask_secrets
+from nemo_gym_cli.config.specs import ServerSpec, server_specs, validate_servers
+
 MISSING = "???"
 
 
@@ -35,83 +35,6 @@ class ConfigError(Exception):
         lines = [f"Config error{'s' if len(self.problems) > 1 else ''} ({len(self.problems)}):"]
         lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- secrets
-
-_SECRET_WORDS = ("api_key", "apikey", "secret", "password", "passwd")
-
-
-def is_secret_key(key: Any) -> bool:
-    """`api_key`, `hf_token`, `client_secret`... but not `max_tokens` or `prompt_token_ids`."""
-    k = str(key).lower().replace("-", "_")
-    return any(w in k for w in _SECRET_WORDS) or k == "token" or k.endswith("_token")
-
-
-def mask_secrets(obj: Any) -> Any:
-    """A copy of obj with every secret value replaced by '****'."""
-    if isinstance(obj, dict):
-        return {k: ("****" if is_secret_key(k) and v not in (None, "") else mask_secrets(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [mask_secrets(v) for v in obj]
-    return obj
-
-
-def secret_values(obj: Any) -> set[str]:
-    """Every secret string in a config, so log lines can be scrubbed of them."""
-    found: set[str] = set()
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if is_secret_key(k) and isinstance(v, str) and len(v) >= 4 and v != "EMPTY":
-                found.add(v)
-            else:
-                found |= secret_values(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            found |= secret_values(v)
-    return found
-
-
-# ---------------------------------------------------------------- URL lists
-
-
-def parse_url_list(value: Any) -> list[str]:
-    """`"http://a/v1, http://b/v1"` or a list -> list of URLs (whitespace stripped)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [u.strip() for u in value.split(",") if u.strip()]
-    return [str(u).strip() for u in value if str(u).strip()]
-
-
-def _normalize_url_lists(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {
-            k: (parse_url_list(v) if k == "base_url" and isinstance(v, str) and "," in v else _normalize_url_lists(v))
-            for k, v in obj.items()
-        }
-    if isinstance(obj, list):
-        return [_normalize_url_lists(v) for v in obj]
-    return obj
-
-
-# ---------------------------------------------------------------- paths
-
-
-def resolve_path(path: str | os.PathLike, *, cwd: Path | None = None) -> Path | None:
-    """Relative paths resolve against the current directory first, then the project root."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p if p.exists() else None
-    for base in (cwd or Path.cwd(), PROJECT_ROOT):
-        if (base / p).exists():
-            return (base / p).resolve()
-    return None
-
-
-def search_roots(cwd: Path | None = None) -> list[Path]:
-    roots = [cwd or Path.cwd(), PROJECT_ROOT]
-    return [r for i, r in enumerate(roots) if r.resolve() not in [x.resolve() for x in roots[:i]]]
 
 
 # ---------------------------------------------------------------- CLI overrides
@@ -240,7 +163,7 @@ class Composed:
     env_yaml: Path | None = None
 
     @property
-    def servers(self) -> dict[str, "ServerSpec"]:
+    def servers(self) -> dict[str, ServerSpec]:
         return server_specs(self.config)
 
 
@@ -321,7 +244,7 @@ def compose(
         sources[top] = "command line"
 
     resolved = _resolve_all(merged, sources, problems)
-    resolved = _normalize_url_lists(resolved)
+    resolved = normalize_url_lists(resolved)
     composed = Composed(resolved, sources, cli_keys, env_path)
     if validate:  # every problem at once, even with earlier ones
         problems.extend(validate_servers(resolved, sources, cwd))
@@ -400,114 +323,6 @@ def _missing_key_from(e: Exception) -> str | None:
         return m.group(1)
     m = re.search(r"Missing mandatory value: ?([\w.]+)", str(e))
     return m.group(1) if m else None
-
-
-# ---------------------------------------------------------------- server graph
-
-
-@dataclass
-class ServerSpec:
-    name: str  # instance name, e.g. policy_model
-    server_type: str  # responses_api_models | resources_servers | responses_api_agents
-    impl: str  # folder name, e.g. vllm_model
-    config: dict  # the fields under <impl>
-    folder: Path | None = None  # resolved impl folder
-
-    @property
-    def module(self) -> str:
-        return f"{self.server_type}.{self.impl}.{Path(self.config.get('entrypoint', 'app.py')).stem}"
-
-
-def _looks_like_server(value: Any) -> bool:
-    """{<type>: {<impl>: {...}}}: one key, whose value is one dict of dicts."""
-    return (
-        isinstance(value, dict)
-        and len(value) == 1
-        and isinstance(next(iter(value.values())), dict)
-        and len(next(iter(value.values()))) == 1
-        and isinstance(next(iter(next(iter(value.values())).values())), dict)
-    )
-
-
-def server_specs(config: dict) -> dict[str, ServerSpec]:
-    specs = {}
-    for name, value in config.items():
-        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SERVER_TYPES:
-            server_type, impls = next(iter(value.items()))
-            if isinstance(impls, dict) and len(impls) == 1:
-                impl, fields = next(iter(impls.items()))
-                if isinstance(fields, dict):
-                    specs[name] = ServerSpec(name, server_type, impl, fields, find_impl_folder(server_type, impl))
-    return specs
-
-
-def find_impl_folder(server_type: str, impl: str, cwd: Path | None = None) -> Path | None:
-    for root in search_roots(cwd):
-        folder = root / server_type / impl
-        if folder.is_dir():
-            return folder
-    return None
-
-
-def _iter_refs(obj: Any, path: str):
-    if isinstance(obj, dict):
-        if set(obj.keys()) == {"type", "name"} and obj.get("type") in SERVER_TYPES:
-            yield path, obj["type"], obj["name"]
-            return
-        if "type" in obj and "name" in obj and obj.get("type") in SERVER_TYPES:
-            yield path, obj["type"], obj["name"]
-        for k, v in obj.items():
-            yield from _iter_refs(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _iter_refs(v, f"{path}[{i}]")
-
-
-def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = None) -> list[str]:
-    problems = []
-    specs = server_specs(config)
-    for name, value in config.items():
-        if name in specs or not _looks_like_server(value):
-            continue
-        server_type = next(iter(value))
-        if server_type not in SERVER_TYPES:
-            hint = difflib.get_close_matches(server_type, SERVER_TYPES, n=1)
-            problems.append(
-                f"{sources.get(name, 'config')}: '{name}': unknown server type '{server_type}'"
-                + (f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(SERVER_TYPES)})")
-            )
-    for name, spec in specs.items():
-        where = sources.get(name, "config")
-        key = f"{name}.{spec.server_type}.{spec.impl}"
-        folder = find_impl_folder(spec.server_type, spec.impl, cwd)
-        if folder is None:
-            existing = sorted(
-                {p.name for r in search_roots(cwd) if (r / spec.server_type).is_dir() for p in (r / spec.server_type).iterdir() if p.is_dir() and not p.name.startswith("_")}
-            )
-            hint = difflib.get_close_matches(spec.impl, existing, n=1)
-            problems.append(
-                f"{where}: '{key}': no folder '{spec.server_type}/{spec.impl}'"
-                + (f" (did you mean '{hint[0]}'?)" if hint else f" (available: {', '.join(existing) or 'none'})")
-            )
-        elif "entrypoint" not in spec.config:
-            problems.append(f"{where}: '{key}': missing 'entrypoint' (e.g. entrypoint: app.py)")
-        elif not (folder / str(spec.config["entrypoint"])).is_file():
-            problems.append(f"{where}: '{key}.entrypoint': file '{folder / str(spec.config['entrypoint'])}' not found")
-        for path, ref_type, ref_name in _iter_refs(spec.config, key):
-            target = specs.get(ref_name)
-            if target is not None and target.server_type == ref_type:
-                continue
-            same_type = sorted(n for n, s in specs.items() if s.server_type == ref_type)
-            hint = difflib.get_close_matches(str(ref_name), same_type, n=1)
-            msg = f"{where}: '{path}' refers to {ref_type} server '{ref_name}', which is not in the config"
-            if target is not None:
-                msg += f" ('{ref_name}' is a {target.server_type} server)"
-            elif hint:
-                msg += f" (did you mean '{hint[0]}'?)"
-            else:
-                msg += f" (defined {ref_type} servers: {', '.join(same_type) or 'none'}; did you forget a config path?)"
-            problems.append(msg)
-    return problems
 
 
 def dump_yaml(config: dict) -> str:

@@ -1,0 +1,1 @@
+"""Console scripts (commands) and ng_status (status)."""

@@ -1,0 +1,45 @@
+"""Where relative paths and env.yaml are looked for: the current directory, then the project root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+def resolve_path(path: str | os.PathLike, *, cwd: Path | None = None) -> Path | None:
+    """Relative paths resolve against the current directory first, then the project root."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p if p.exists() else None
+    for base in (cwd or Path.cwd(), PROJECT_ROOT):
+        if (base / p).exists():
+            return (base / p).resolve()
+    return None
+
+
+def search_roots(cwd: Path | None = None) -> list[Path]:
+    roots = [cwd or Path.cwd(), PROJECT_ROOT]
+    return [r for i, r in enumerate(roots) if r.resolve() not in [x.resolve() for x in roots[:i]]]
+
+
+def parse_url_list(value: Any) -> list[str]:
+    """`"http://a/v1, http://b/v1"` or a list -> list of URLs (whitespace stripped)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [u.strip() for u in value.split(",") if u.strip()]
+    return [str(u).strip() for u in value if str(u).strip()]
+
+
+def normalize_url_lists(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {
+            k: (parse_url_list(v) if k == "base_url" and isinstance(v, str) and "," in v else normalize_url_lists(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [normalize_url_lists(v) for v in obj]
+    return obj

@@ -1,0 +1,123 @@
+"""The server graph in a config: instances `{name: {server_type: {impl: {...}}}}`, and their checks."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nemo_gym_cli.config.paths import search_roots
+
+SERVER_TYPES = ("responses_api_models", "resources_servers", "responses_api_agents")
+
+
+@dataclass
+class ServerSpec:
+    name: str  # instance name, e.g. policy_model
+    server_type: str  # responses_api_models | resources_servers | responses_api_agents
+    impl: str  # folder name, e.g. vllm_model
+    config: dict  # the fields under <impl>
+    folder: Path | None = None  # resolved impl folder
+
+    @property
+    def module(self) -> str:
+        return f"{self.server_type}.{self.impl}.{Path(self.config.get('entrypoint', 'app.py')).stem}"
+
+
+def _looks_like_server(value: Any) -> bool:
+    """{<type>: {<impl>: {...}}}: one key, whose value is one dict of dicts."""
+    return (
+        isinstance(value, dict)
+        and len(value) == 1
+        and isinstance(next(iter(value.values())), dict)
+        and len(next(iter(value.values()))) == 1
+        and isinstance(next(iter(next(iter(value.values())).values())), dict)
+    )
+
+
+def server_specs(config: dict) -> dict[str, ServerSpec]:
+    specs = {}
+    for name, value in config.items():
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SERVER_TYPES:
+            server_type, impls = next(iter(value.items()))
+            if isinstance(impls, dict) and len(impls) == 1:
+                impl, fields = next(iter(impls.items()))
+                if isinstance(fields, dict):
+                    specs[name] = ServerSpec(name, server_type, impl, fields, find_impl_folder(server_type, impl))
+    return specs
+
+
+def find_impl_folder(server_type: str, impl: str, cwd: Path | None = None) -> Path | None:
+    for root in search_roots(cwd):
+        folder = root / server_type / impl
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _iter_refs(obj: Any, path: str):
+    if isinstance(obj, dict):
+        if set(obj.keys()) == {"type", "name"} and obj.get("type") in SERVER_TYPES:
+            yield path, obj["type"], obj["name"]
+            return
+        if "type" in obj and "name" in obj and obj.get("type") in SERVER_TYPES:
+            yield path, obj["type"], obj["name"]
+        for k, v in obj.items():
+            yield from _iter_refs(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _iter_refs(v, f"{path}[{i}]")
+
+
+def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = None) -> list[str]:
+    problems = []
+    specs = server_specs(config)
+    for name, value in config.items():
+        if name in specs or not _looks_like_server(value):
+            continue
+        server_type = next(iter(value))
+        if server_type not in SERVER_TYPES:
+            hint = difflib.get_close_matches(server_type, SERVER_TYPES, n=1)
+            problems.append(
+                f"{sources.get(name, 'config')}: '{name}': unknown server type '{server_type}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(SERVER_TYPES)})")
+            )
+    for name, spec in specs.items():
+        where = sources.get(name, "config")
+        key = f"{name}.{spec.server_type}.{spec.impl}"
+        folder = find_impl_folder(spec.server_type, spec.impl, cwd)
+        if folder is None:
+            existing = sorted(
+                {p.name for r in search_roots(cwd) if (r / spec.server_type).is_dir() for p in (r / spec.server_type).iterdir() if p.is_dir() and not p.name.startswith("_")}
+            )
+            hint = difflib.get_close_matches(spec.impl, existing, n=1)
+            problems.append(
+                f"{where}: '{key}': no folder '{spec.server_type}/{spec.impl}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else f" (available: {', '.join(existing) or 'none'})")
+            )
+        elif "entrypoint" not in spec.config:
+            problems.append(f"{where}: '{key}': missing 'entrypoint' (e.g. entrypoint: app.py)")
+        elif not (folder / str(spec.config["entrypoint"])).is_file():
+            problems.append(f"{where}: '{key}.entrypoint': file '{folder / str(spec.config['entrypoint'])}' not found")
+        for path, ref_type, ref_name in _iter_refs(spec.config, key):
+            target = specs.get(ref_name)
+            if target is not None and target.server_type == ref_type:
+                continue
+            same_type = sorted(n for n, s in specs.items() if s.server_type == ref_type)
+            hint = difflib.get_close_matches(str(ref_name), same_type, n=1)
+            msg = f"{where}: '{path}' refers to {ref_type} server '{ref_name}', which is not in the config"
+            if target is not None:
+                msg += f" ('{ref_name}' is a {target.server_type} server)"
+            elif hint:
+                msg += f" (did you mean '{hint[0]}'?)"
+            else:
+                msg += f" (defined {ref_type} servers: {', '.join(same_type) or 'none'}; did you forget a config path?)"
+            problems.append(msg)
+    return problems
+
+
+def head_url(config: dict) -> str:
+    """Where the head server of the graph answers (conf/base.yaml's head_server, or overrides)."""
+    head = config.get("head_server") or {}
+    return f"http://{head.get('host', '127.0.0.1')}:{head.get('port', 11000)}"

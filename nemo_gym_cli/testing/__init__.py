@@ -1,0 +1,1 @@
+"""Test and bench support that ships with the package: the local vLLM stand-in."""
