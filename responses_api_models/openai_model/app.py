@@ -8,12 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from nemo_gym_cli.serving import HTTPError, RequestContext, route
-from nemo_gym_cli.routing.model_server import UpstreamModel
+from nemo_gym_cli.routing.model_server import UpstreamModel, check_response
 
 
 class OpenAIModel(UpstreamModel):
+    default_health_interval_s = 0  # OpenAI has no /health: only a failed request marks it down
+
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:
         if not isinstance(body, dict):
             raise HTTPError(400, "request body must be a JSON object (Responses create params)")
-        return await self.upstream.call(ctx, "/responses", {**body, "model": self.model})
+        return await self.upstream.call(ctx, "/responses", {**body, "model": self.model}, check=check_response)
