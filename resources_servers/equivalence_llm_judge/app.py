@@ -19,16 +19,9 @@ from nemo_gym_cli.config.typed import ServerConfig, ServerRef
 from nemo_gym_cli.serving.client import ServerCallError
 from nemo_gym_cli.config import resolve_path
 from nemo_gym_cli.serving import HTTPError, RequestContext, SimpleResourcesServer, require, route
+from nemo_gym_cli.serving.protocol import content_text
 
 NO_ANSWER = "[NO VALID ANSWER EXTRACTED]"  # what the judge sees when the answer regex finds nothing
-
-
-def content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def last_message_text(items: Any, role: str) -> str:
