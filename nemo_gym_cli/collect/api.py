@@ -84,6 +84,7 @@ class RolloutRun:
         self._pending: set[asyncio.Task] = set()
         self._ready: deque[Outcome] = deque()
         self._wake: asyncio.Future | None = None
+        self._exhausted = False
 
     def stop(self) -> None:
         self.stopping = True
@@ -103,31 +104,36 @@ class RolloutRun:
         return len(self._pending) + len(self._ready)
 
     async def __aiter__(self) -> AsyncIterator[Outcome]:
-        exhausted = False
         pending, ready = self._pending, self._ready
         try:
             while True:
-                # A finished rollout keeps its slot until the consumer has taken it.
-                while not self.stopping and not exhausted and len(pending) + len(ready) < self.limit.value:
-                    job = next(self.jobs, None)
-                    if job is None:
-                        exhausted = True
-                    elif (early := self._refuse(job)) is not None:
-                        ready.append(early)  # known bad: no request
-                    else:
-                        task = asyncio.ensure_future(self._run(job))
-                        pending.add(task)
-                        task.add_done_callback(self._finished)
+                self._fill()
                 if ready:
-                    yield ready.popleft()
+                    outcome = ready.popleft()
+                    self._fill()  # its slot is free as it is handed over: start the next one now
+                    yield outcome
                     continue
-                if not pending and (exhausted or self.stopping):
+                if not pending and (self._exhausted or self.stopping):
                     return
                 self._wake = asyncio.get_running_loop().create_future()
                 await asyncio.wait([self._wake, self.limit.changed()], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in list(pending):
                 task.cancel()
+
+    def _fill(self) -> None:
+        """Start jobs while in flight (running + finished, not yet taken) is under the limit."""
+        pending, ready = self._pending, self._ready
+        while not self.stopping and not self._exhausted and len(pending) + len(ready) < self.limit.value:
+            job = next(self.jobs, None)
+            if job is None:
+                self._exhausted = True
+            elif (early := self._refuse(job)) is not None:
+                ready.append(early)  # known bad: no request
+            else:
+                task = asyncio.ensure_future(self._run(job))
+                pending.add(task)
+                task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task) -> None:
         self._pending.discard(task)
