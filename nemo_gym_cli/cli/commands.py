@@ -42,7 +42,7 @@ def _args(command: str) -> list[str]:
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
         if command == "ng_collect_rollouts":
-            from nemo_gym_cli.collect.collector import HELP as collect_help
+            from nemo_gym_cli.collect.cli import HELP as collect_help
 
             print(collect_help)
         else:
@@ -91,6 +91,6 @@ def ng_status() -> None:
 
 
 def ng_collect_rollouts() -> None:
-    from nemo_gym_cli.collect.collector import collect
+    from nemo_gym_cli.collect.cli import collect
 
     _main("ng_collect_rollouts", lambda c: run_async(collect(c)), strict_cli=True, validate=False)
