@@ -100,7 +100,8 @@ class ServerClient:
         self.max_response_bytes = int(self.http_config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
         # JSON calls over http:// (our servers, vLLM) use the lean client; the rest aiohttp.
         self.lean = LeanHTTP(connect_timeout=float(self.http_config.get("connect_timeout_s", 10)),
-                             per_host_limit=int(self.http_config.get("connector_limit_per_host", 0)),
+                             per_host_limit=int(self.http_config.get("connector_limit_per_host", 0)
+                                                or self.http_config.get("connector_limit", 4096)),
                              max_response_bytes=self.max_response_bytes)
         self._urls: dict[str, str] = {}
         self._lookup: asyncio.Future | None = None

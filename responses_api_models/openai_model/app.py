@@ -5,14 +5,21 @@ Same config keys as vllm_model, so switching between them is changing one config
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from nemo_gym_cli.serving import HTTPError, RequestContext, route
 from nemo_gym_cli.routing.model_server import UpstreamModel, check_response
+from nemo_gym_cli.routing.upstream import UpstreamConfig
+
+
+@dataclass(kw_only=True)
+class OpenAIModelConfig(UpstreamConfig):
+    health_interval_s: float = 0  # OpenAI has no /health: only a failed request marks a server down
 
 
 class OpenAIModel(UpstreamModel):
-    default_health_interval_s = 0  # OpenAI has no /health: only a failed request marks it down
+    config_type = OpenAIModelConfig
 
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:
