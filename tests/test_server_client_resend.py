@@ -102,4 +102,9 @@ async def test_co_located_calls_follow_the_same_rule():
             await client.post("env", path, {})
         assert info.value.status == status
     assert env.calls == ["/seed_session", "/verify"]
+    # a header that could not be sent over HTTP is not passed on in-process either
+    with pytest.raises(ServerCallError) as info:
+        await client.post("env", "/verify", {}, headers={"X-Group-ID": "7\r\nX-Session-ID: injected"})
+    assert info.value.status == 400 and "CR, LF and NUL" in info.value.message
+    assert env.calls == ["/seed_session", "/verify"]
     await client.close()

@@ -191,6 +191,12 @@ class ServerClient:
         # (and rejects what JSON cannot carry). Handlers return fresh data, so the result is
         # handed over as is: copying it too cost 7% of a co-located graph's CPU.
         payload = orjson.loads(orjson.dumps(body)) if body is not None else {}
+        try:
+            for name, value in (headers or {}).items():
+                check_header(name, str(value))  # as over HTTP: what could not be sent is not passed on
+        except InvalidRequest as e:
+            raise ServerCallError(server.name, f"local:{path}", f"request refused before sending: {e}", 400,
+                                  "invalid_request_error") from None
         if not idempotent:
             retry_statuses = retry_statuses & NOT_PROCESSED_STATUSES
         for attempt in range(self.max_retries + 1):
