@@ -185,12 +185,13 @@ class Launcher:
     def _print_table(self, seconds: float) -> None:
         table = Table(title=f"All {len(self.specs)} servers ready in {seconds:.2f} s (head server {self.head.url})")
         with_replicas = any(s.replicas > 1 for s in self.specs.values())
-        columns = ("name", "type", "impl", *(("replica",) if with_replicas else ()), "url", "pid")
+        with_nodes = len({s["node"] for s in self.head.servers.values()}) > 1  # e.g. Ray actors on several nodes
+        columns = ("name", "type", "impl", *(("replica",) if with_replicas else ()), "url", "pid", *(("node",) if with_nodes else ()))
         for col in columns:
             table.add_column(col)
         for s in self.head.servers.values():
             table.add_row(s["name"], s["server_type"], s["impl"], *((str(s["replica"]),) if with_replicas else ()),
-                          s["url"], str(s["pid"]))
+                          s["url"], str(s["pid"]), *((str(s["node"]),) if with_nodes else ()))
         console.print(table)
         sys.stderr.flush()
 
