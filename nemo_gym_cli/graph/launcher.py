@@ -22,7 +22,7 @@ from typing import Callable
 import orjson
 from rich.table import Table
 
-from nemo_gym_cli.config import Composed, ServerSpec, secret_values
+from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
 from nemo_gym_cli.graph.build import COLOCATED_ARG
 from nemo_gym_cli.graph.head import HeadServer
 from nemo_gym_cli.graph.processes import LocalProcess
@@ -54,8 +54,7 @@ class Launcher:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        head = self.config.get("head_server") or {}
-        host, port = str(head.get("host", "127.0.0.1")), int(head.get("port", 11000))
+        host, port = head_address(self.config)
         try:
             await self.head.start(host, port)
         except OSError as e:
@@ -117,7 +116,8 @@ class Launcher:
 
     def _config_for_children(self) -> dict:
         config = dict(self.config)
-        config["head_server"] = {**(config.get("head_server") or {}), "port": int(self.head.url.rsplit(":", 1)[1])}
+        host, _ = head_address(self.config)  # the port it got (the configured one, or any free one)
+        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": int(self.head.url.rsplit(":", 1)[1])}
         return config
 
     # ------------------------------------------------------------ readiness and watching
