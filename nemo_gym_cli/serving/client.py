@@ -18,6 +18,7 @@ import orjson
 
 from nemo_gym_cli.serving.http11 import LeanHTTP
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
+from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
 
 if TYPE_CHECKING:
     from nemo_gym_cli.serving.base import BaseServer
@@ -27,15 +28,35 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # here too would multiply the tries at every hop (agent -> judge env -> judge model -> vLLM).
 ALREADY_RETRIED = frozenset({"upstream_error", "upstream_unavailable"})
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+MAX_FAILOVERS = 3  # a call by name moves on from a gone replica at most this often
 
 
 class ServerCallError(Exception):
-    """A call that failed after its last try; names the server, URL and cause."""
+    """A call that failed after its last try; names the server, URL and cause.
 
-    def __init__(self, server: str, url: str, message: str, status: int | None = None, error_type: str | None = None):
+    `failure` says how a connection failed: "refused", "reset", "timeout", "gone" (the replica
+    holding the call's session went away), "unavailable" (no replica came back in time) or
+    "other"; None for an HTTP error status."""
+
+    def __init__(self, server: str, url: str, message: str, status: int | None = None, error_type: str | None = None,
+                 failure: str | None = None):
         self.server, self.url, self.status, self.message, self.error_type = server, url, status, message, error_type
+        self.failure = failure
         what = f"HTTP {status}" if status else "connection failed"
         super().__init__(f"{server} ({url}): {what}: {message}")
+
+
+def failure_kind(e: BaseException) -> str:
+    """How a connection failed: refused (nothing listens), reset (closed under the call), timeout, other."""
+    if isinstance(e, aiohttp.ClientConnectorError):
+        e = e.os_error
+    if isinstance(e, ConnectionRefusedError):
+        return "refused"
+    if isinstance(e, (ConnectionResetError, BrokenPipeError, aiohttp.ServerDisconnectedError)):
+        return "reset"
+    if isinstance(e, asyncio.TimeoutError):
+        return "timeout"
+    return "other"
 
 
 def error_message(data: Any, fallback: str) -> str:
@@ -83,8 +104,9 @@ class ServerClient:
         self.timeout_s = float(self.http_config.get("timeout_s", 3600))
         # JSON calls over http:// (our servers, vLLM) use the lean client; the rest aiohttp.
         self.lean = LeanHTTP(connect_timeout=float(self.http_config.get("connect_timeout_s", 10)))
-        self._urls: dict[str, str] = {}
-        self._lookup: asyncio.Future | None = None
+        # How long a call by name waits for a replica to come back (ng_run restarts with up to 8 s backoff).
+        self.resolve_timeout_s = float(self.http_config.get("resolve_timeout_s", 30))
+        self.resolver = Resolver(self.servers)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -114,37 +136,98 @@ class ServerClient:
             raise ServerCallError("head server", "(none)", "no head server address configured")
         return await self.request_json("GET", f"{self.head_url}/servers", server="head server", timeout_s=10)
 
-    async def url_of(self, name: str) -> str:
-        url = self._urls.get(name)
-        if url is None:
-            # One lookup for all the callers that start at once (e.g. 1,000 collector workers).
-            if self._lookup is None:
-                self._lookup = asyncio.ensure_future(self.servers())
-            lookup = self._lookup
-            try:
-                listing = await asyncio.shield(lookup)
-            finally:
-                if self._lookup is lookup and lookup.done():
-                    self._lookup = None
-            self._urls = {s["name"]: s["url"] for s in listing if s.get("url")}
-            url = self._urls.get(name)
-            if url is None:
-                known = ", ".join(sorted(s["name"] for s in listing)) or "none"
+    async def replicas(self, name: str, wait: bool = True) -> Replicas:
+        """The replicas of a name; waits (bounded) while none serves, e.g. during a restart."""
+        reps = self.resolver.names.get(name)
+        if reps is not None and reps.live:
+            if reps.degraded:
+                self.resolver.maybe_refresh()
+            return reps
+        deadline = asyncio.get_running_loop().time() + self.resolve_timeout_s
+        while True:
+            await self.resolver.refresh()
+            reps = self.resolver.names.get(name)
+            if reps is None:
+                known = ", ".join(sorted(self.resolver.known)) or "none"
                 raise ServerCallError(name, self.head_url or "", f"no server named '{name}' is registered (known: {known})", 404)
-        return url
+            if reps.live or not wait:
+                return reps
+            if asyncio.get_running_loop().time() > deadline:
+                raise ServerCallError(name, self.head_url or "", f"no replica of '{name}' is serving (waited "
+                                      f"{self.resolve_timeout_s:g} s for one to come back)", failure="unavailable")
+            await asyncio.sleep(0.2)
+
+    async def url_of(self, name: str) -> str:
+        """The URL of the least busy live replica of a server."""
+        return (await self.replicas(name)).least_loaded().url
 
     # ------------------------------------------------------------ calls
     async def post(self, server: str, path: str, body: Any = None, *, session_id: str | None = None,
                    headers: dict | None = None, timeout_s: float | None = None,
                    retry_statuses: frozenset[int] = RETRY_STATUSES) -> Any:
+        """A call by name: to the session's replica, else the least busy one; moves on from a
+        replica that is gone (the call was not executed there, or that process is dead)."""
         local = self.local_servers.get(server)
         if local is not None:
             return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers)
-        url = await self.url_of(server) + path
         if session_id:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
-        return await self.request_json("POST", url, body, headers=headers, server=server, timeout_s=timeout_s,
-                                       retry_statuses=retry_statuses)
+        for failovers in range(MAX_FAILOVERS + 1):
+            reps = await self.replicas(server)
+            fresh = False  # this call made the session's pin: nothing of the session is on it yet
+            if session_id is None:
+                replica = reps.least_loaded()
+            else:
+                replica = reps.pinned(session_id)
+                if replica is None:
+                    replica, fresh = reps.least_loaded(), True
+                    reps.pin(session_id, replica)
+                elif replica.gone:
+                    reps.unpin(session_id)
+                    raise ServerCallError(server, replica.url, f"replica {replica.index} of '{server}' is gone (crashed "
+                                          f"or restarted) and session {session_id} was there", failure="gone")
+            replica.in_flight += 1
+            try:
+                return await self.request_json("POST", replica.url + path, body, headers=headers, server=server,
+                                               timeout_s=timeout_s, retry_statuses=retry_statuses)
+            except ServerCallError as e:
+                if e.failure not in ("refused", "reset") or failovers == MAX_FAILOVERS or not await self._is_gone(replica, e):
+                    raise
+                self.resolver.mark_gone(replica)
+                if session_id is not None and not fresh:
+                    reps.unpin(session_id)
+                    raise ServerCallError(server, replica.url, f"replica {replica.index} of '{server}' went away during "
+                                          f"the call, with session {session_id} ({e.message})", failure="gone") from None
+                if session_id is not None:
+                    reps.unpin(session_id)  # re-pinned on the next replica
+            finally:
+                replica.in_flight -= 1
+        raise AssertionError("unreachable")
+
+    async def _is_gone(self, replica: Replica, error: ServerCallError) -> bool:
+        """Refused: nothing listens there. Reset: gone only if a probe is refused too (a live
+        server that reset one connection may have acted on the call: never send it twice)."""
+        if replica.gone or error.failure == "refused":
+            return True
+        try:
+            await self.request_json("GET", replica.url + "/health", server=replica.name, timeout_s=2, retries=0)
+        except ServerCallError as e:
+            return e.failure == "refused"
+        return False
+
+    async def post_each(self, server: str, path: str, body: Any = None, **kwargs) -> list[Any]:
+        """The same call to every live replica of a server (e.g. releasing sessions); returns the
+        answers; raises the first error after all calls ended."""
+        local = self.local_servers.get(server)
+        if local is not None:
+            return [await self.post(server, path, body, **kwargs)]
+        reps = await self.replicas(server)
+        results = await asyncio.gather(*(self.request_json("POST", r.url + path, body, server=server, **kwargs)
+                                         for r in reps.live), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     async def _local_call(self, server: "BaseServer", method: str, path: str, body: Any, session_id: str | None,
                           retry_statuses: frozenset[int], headers: dict | None = None) -> Any:
@@ -192,6 +275,6 @@ class ServerClient:
                     cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                     if isinstance(e, asyncio.TimeoutError):
                         cause = "timed out"
-                    raise ServerCallError(server, url, f"{cause} (after {retries + 1} tries)") from None
+                    raise ServerCallError(server, url, f"{cause} (after {retries + 1} tries)", failure=failure_kind(e)) from None
             await asyncio.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_max))
         raise AssertionError("unreachable")

@@ -96,8 +96,9 @@ class SimpleAgent(ResponsesAPIAgent):
         if not session_ids:
             return
         try:
-            await self.client.post(self.model_server, "/release_session", {"session_ids": session_ids},
-                                   retry_statuses=frozenset())
+            # Every replica of the model: each forgets the sessions it holds.
+            await self.client.post_each(self.model_server, "/release_session", {"session_ids": session_ids},
+                                        retry_statuses=frozenset())
         except ServerCallError:
             pass  # best effort: the model's session table also expires idle sessions
 
