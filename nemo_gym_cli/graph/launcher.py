@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -23,6 +24,7 @@ import orjson
 from rich.table import Table
 
 from nemo_gym_cli.config import Composed, ServerSpec, secret_values
+from nemo_gym_cli.graph import ray_runner
 from nemo_gym_cli.graph.build import COLOCATED_ARG
 from nemo_gym_cli.graph.head import HeadServer
 from nemo_gym_cli.graph.processes import LocalProcess
@@ -185,12 +187,13 @@ class Launcher:
     def _print_table(self, seconds: float) -> None:
         table = Table(title=f"All {len(self.specs)} servers ready in {seconds:.2f} s (head server {self.head.url})")
         with_replicas = any(s.replicas > 1 for s in self.specs.values())
-        columns = ("name", "type", "impl", *(("replica",) if with_replicas else ()), "url", "pid")
+        with_nodes = any(s["node"] != socket.gethostname() for s in self.head.servers.values())  # e.g. Ray nodes
+        columns = ("name", "type", "impl", *(("replica",) if with_replicas else ()), "url", "pid", *(("node",) if with_nodes else ()))
         for col in columns:
             table.add_column(col)
         for s in self.head.servers.values():
             table.add_row(s["name"], s["server_type"], s["impl"], *((str(s["replica"]),) if with_replicas else ()),
-                          s["url"], str(s["pid"]))
+                          s["url"], str(s["pid"]), *((str(s["node"]),) if with_nodes else ()))
         console.print(table)
         sys.stderr.flush()
 
@@ -208,4 +211,23 @@ class Launcher:
 
 
 async def run_graph(composed: Composed) -> int:
-    return await Launcher(composed).run()
+    if not ray_runner.ray_address(composed.config):
+        return await Launcher(composed).run()
+    # On a Ray cluster: the same launcher, with every replica a Ray actor (ray_runner.py).
+    problems = ray_runner.check_ray_config(composed.config, composed.servers)
+    if problems:
+        console.print("ng_run: " + "\n  ".join(["the Ray settings have problems:", *problems]), style="red", markup=False)
+        return 2
+    try:
+        ray = ray_runner.connect(composed.config)
+    except ray_runner.RayUnavailable as e:
+        console.print(f"ng_run: {e}", style="red", markup=False)
+        return 1
+    launcher = Launcher(composed)
+    replicas = ray_runner.RayReplicas(ray, launcher.config, launcher.head, lambda text: console.print(text, markup=False))
+    launcher.runner_factory = replicas.factory
+    try:
+        return await launcher.run()
+    finally:
+        replicas.close()
+        ray.shutdown()

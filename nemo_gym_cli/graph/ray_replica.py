@@ -44,35 +44,13 @@ class ReplicaActor:
 
     def _thread(self) -> None:
         try:
-            run_async(self._serve())
+            run_async(serve_replica(self))
         except BaseException as e:  # noqa: BLE001 - reported to the driver through ready()/wait_stopped()
             self.error = f"{type(e).__name__}: {e}"
             print(f"server '{self.name}' replica {self.replica} cannot serve: {self.error}", file=sys.stderr)
         finally:
             self.serving.set()
             self.ended.set()
-
-    async def _serve(self) -> None:
-        spec = server_specs(self.config)[self.name]
-        # The node's address so that other nodes reach it; 0.0.0.0 only if the instance asks.
-        host = str(spec.config.get("host") or self.node_ip)
-        client = ServerClient(self.config.get("http_client"), head_url(self.config))
-        try:
-            server = build_server(spec, self.config, client)
-            running = await serve(server, host, int(spec.config.get("port") or 0))
-            try:
-                self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
-                self.info = {"name": self.name, "url": running.url, "pid": os.getpid(), "replica": self.replica,
-                             "node": self.node_id}
-                await client.request_json("POST", f"{client.head_url}/register", self.info, server="head server", timeout_s=10)
-                server.log.info("serving %s/%s at %s (replica %d, Ray node %s)", spec.server_type, spec.impl,
-                                running.url, self.replica, self.node_id)
-                self.serving.set()
-                await self.stop_event.wait()
-            finally:
-                await running.stop()
-        finally:
-            await client.close()
 
     # ------------------------------------------------------------ called by the driver
     def ready(self, timeout_s: float) -> dict:
@@ -95,3 +73,30 @@ class ReplicaActor:
             except RuntimeError:  # the loop closed meanwhile
                 pass
         return self.ended.wait(timeout_s)
+
+
+async def serve_replica(actor: ReplicaActor) -> None:
+    """The replica's server on the actor's own loop (not a method: a coroutine method would make
+    Ray run the actor as an async actor, whose blocking calls would stall one another)."""
+    spec = server_specs(actor.config)[actor.name]
+    # The node's address so that other nodes reach it; 0.0.0.0 only if the instance asks.
+    host = str(spec.config.get("host") or actor.node_ip)
+    client = ServerClient(actor.config.get("http_client"), head_url(actor.config))
+    try:
+        server = build_server(spec, actor.config, client)
+        running = await serve(server, host, int(spec.config.get("port") or 0))
+        try:
+            actor.loop, actor.stop_event = asyncio.get_running_loop(), asyncio.Event()
+            # Bound to every address (the instance asked): others reach it at the node's one.
+            url = running.url.replace("//127.0.0.1:", f"//{actor.node_ip}:") if host in ("0.0.0.0", "") else running.url
+            actor.info = {"name": actor.name, "url": url, "pid": os.getpid(), "replica": actor.replica,
+                         "node": actor.node_id}
+            await client.request_json("POST", f"{client.head_url}/register", actor.info, server="head server", timeout_s=10)
+            server.log.info("serving %s/%s at %s (replica %d, Ray node %s)", spec.server_type, spec.impl,
+                            url, actor.replica, actor.node_id)
+            actor.serving.set()
+            await actor.stop_event.wait()
+        finally:
+            await running.stop()
+    finally:
+        await client.close()

@@ -2,9 +2,9 @@
 replica is a Ray actor (ray_replica.py) placed by Ray, with Ray's own vocabulary.
 
 ng_run is the Ray driver. Per instance, `ray_actor_options` go straight to `.options()`
-(num_cpus, num_gpus, resources, label selectors, max_restarts, ...); global `ray.placement`
-(or per instance `ray_placement`) `spread` asks Ray to spread one instance's replicas over
-nodes, `pack` puts them in one placement group packed onto as few nodes as fit. Ray restarts
+(num_cpus, num_gpus, resources, label selectors, max_restarts, ...); `ray.placement: spread`
+asks Ray to spread each instance's replicas over nodes, `pack` puts one instance's replicas
+in one placement group packed onto as few nodes as fit. Ray restarts
 a replica whose process dies (`max_restarts`, default 3); the restarted actor serves and
 registers again, and the head server counts the restart. Stopping ng_run stops every actor it
 started (and Ray removes them when the driver exits anyway). The head server and the
@@ -23,6 +23,7 @@ from nemo_gym_cli.config import ServerSpec
 PLACEMENTS = ("spread", "pack")
 DEFAULT_ACTOR_OPTIONS = {"max_restarts": 3, "max_concurrency": 4}  # ready/wait/stop calls may overlap
 INSTALL_HINT = "pip install -e '.[ray]'"
+RESTART_POLL_S = 0.2
 LOOPBACK = ("127.", "localhost", "[::1]", "::1")
 
 
@@ -34,8 +35,8 @@ def ray_address(config: dict) -> str | None:
     return ((config.get("ray") or {}).get("address")) or None
 
 
-def placement_of(spec: ServerSpec, config: dict) -> str:
-    return str(spec.config.get("ray_placement") or (config.get("ray") or {}).get("placement") or "spread")
+def placement_of(config: dict) -> str:
+    return str((config.get("ray") or {}).get("placement") or "spread")
 
 
 def check_ray_config(config: dict, specs: dict[str, ServerSpec]) -> list[str]:
@@ -46,8 +47,8 @@ def check_ray_config(config: dict, specs: dict[str, ServerSpec]) -> list[str]:
         if options is not None and not isinstance(options, dict):
             problems.append(f"'{name}.{spec.server_type}.{spec.impl}.ray_actor_options' must be a mapping of Ray "
                             f"actor options (num_cpus, num_gpus, resources, ...), got {options!r}")
-        if placement_of(spec, config) not in PLACEMENTS:
-            problems.append(f"'{name}': placement '{placement_of(spec, config)}' is not one of {', '.join(PLACEMENTS)}")
+    if placement_of(config) not in PLACEMENTS:
+        problems.append(f"'ray.placement' must be one of {', '.join(PLACEMENTS)}, got {placement_of(config)!r}")
     if ray_address(config) and config.get("colocate"):
         problems.append("+ray.address and +colocate=true do not go together: on Ray every server replica is an actor")
     return problems
@@ -60,6 +61,7 @@ def connect(config: dict) -> Any:
         # Ray rewrites a loopback address to this host's outward IP unless told the cluster
         # lives on loopback (as a one-machine test cluster with node_ip_address 127.0.0.1 does).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every replica's lines, not "[repeated 2x across cluster]"
     try:
         import ray
     except ImportError as e:
@@ -131,7 +133,7 @@ class RayReplicas:
     def runner(self, spec: ServerSpec, replica: int) -> "RayReplica":
         options = {**DEFAULT_ACTOR_OPTIONS, **(spec.config.get("ray_actor_options") or {})}
         if "scheduling_strategy" not in options:
-            if placement_of(spec, self.actor_config) == "pack" and spec.replicas > 1:
+            if placement_of(self.config) == "pack" and spec.replicas > 1:
                 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
@@ -186,9 +188,11 @@ class RayReplica:
             if actor is None:
                 return "stopped"
             try:
-                # While Ray restarts the actor, this call waits for the new one.
                 info = await _result(actor.ready.remote(self.owner.ready_timeout_s))
-            except ray.exceptions.RayActorError as e:
+            except ray.exceptions.ActorUnavailableError:
+                await asyncio.sleep(RESTART_POLL_S)  # Ray is restarting it: ask the new one
+                continue
+            except ray.exceptions.RayActorError as e:  # ActorDiedError: out of restarts, or killed
                 self._failed = True
                 return self._note(f"as a Ray actor that is gone for good: {_first_line(e)}")
             if info["error"]:
