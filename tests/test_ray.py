@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from conftest import PROJECT_ROOT, VLLM_MODEL, WEATHER, http_json, run_cli, script, wait_until, weather_env
-from test_collect_rollouts import collect, read_lines, write_rows
+from test_collect_rollouts import read_lines, write_rows
+from test_ng_run import SECRET, start_pair
+from test_restarts import relay
 
 pytestmark = pytest.mark.ray
 
@@ -140,3 +142,21 @@ def test_without_ray_installed_the_error_says_how_to_install_it(tmp_path):
                    cwd=PROJECT_ROOT, env={"PYTHONPATH": str(tmp_path / "shadow")})
     assert done.returncode == 1
     assert "pip install -e '.[ray]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_pack_places_an_instances_replicas_together_and_secrets_stay_masked(cluster, graph, tmp_path):
+    address, nodes = cluster
+    echo = "++echo.resources_servers.ng_test_echo"
+    g = start_pair(graph, tmp_path, "processes", timeout=90,
+                   args=[f"+ray.address={address}", "+ray.placement=pack", f"{echo}.replicas=2",
+                         f"{echo}.ray_actor_options={{num_cpus:1}}", f"{echo}.log_config=true", f"{echo}.print_config=true"])
+    echoes = [s for s in g.servers() if s["name"] == "echo"]
+    assert len(echoes) == 2 and echoes[0]["node"] == echoes[1]["node"] in nodes.values()  # one node, packed
+    status, body = relay(g, "across-actors")  # caller -> echo by name, actor to actor
+    assert status == 200, body
+    assert body["reply"]["pid"] in {s["pid"] for s in echoes}
+    # What the servers log and print reaches ng_run through Ray, secrets masked.
+    wait_until(lambda: g.output().count("my config") >= 2, 30, "the replicas' log lines through Ray")
+    assert SECRET not in g.output() and "hf-ECHO-TOKEN" not in g.output()
+    assert g.stop() == 0, g.output()
+    wait_until(lambda: not replica_actors(), 30, "no replica actor left")
