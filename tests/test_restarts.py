@@ -9,10 +9,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 
-from conftest import http_json, wait_until
+import pytest
+
+from conftest import VLLM_MODEL, WEATHER, http_json, script, wait_until, weather_env
+from test_collect_rollouts import read_lines, write_rows
 from test_ng_run import alive, by_name, server_processes, start_pair, wait_for_exit
 
+from nemo_gym_cli.config import CONF_DIR
 from nemo_gym_cli.graph.supervisor import RestartPolicy
 
 FAST = ["+restarts.backoff_s=0.1"]
@@ -102,3 +107,31 @@ def test_restart_backoff_doubles_to_a_cap_and_a_storm_is_refused():
     assert policy.next_delay() == 0.5
     capped = RestartPolicy(max_restarts=10, clock=lambda: now[0])
     assert [capped.next_delay() for _ in range(7)] == [0.5, 1, 2, 4, 8, 8, 8]
+
+
+def test_a_resources_server_killed_mid_run_is_restarted_and_the_run_completes(standins, graph, tmp_path):
+    if "max_attempts" not in (CONF_DIR / "ng_collect_rollouts.yaml").read_text():
+        pytest.skip("needs the collector's +max_attempts retries (issue 9 point 3)")
+    backends = standins(2)
+    g = graph([VLLM_MODEL, WEATHER], env=weather_env(backends), args=FAST)
+    weather_pid = by_name(g)["simple_weather"]["pid"]
+    write_rows(tmp_path / "in.jsonl", 400)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([script("ng_collect_rollouts"), "+agent_name=simple_weather_simple_agent", "+progress=false",
+                             f"+head_server.port={g.head_port}", "+input_jsonl_fpath=in.jsonl",
+                             f"+output_jsonl_fpath={out}", "+concurrency=40", "+max_attempts=3"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 50, 120, "50 rollouts written")
+        os.kill(weather_pid, signal.SIGKILL)  # mid-run: some 40 rollouts are in flight
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    rows = read_lines(out)
+    assert sorted(r["_ng_task_index"] for r in rows) == list(range(400))  # all of them, no resume needed
+    assert all(r["reward"] == 1.0 for r in rows)
+    entry = by_name(g)["simple_weather"]
+    assert entry["restarts"] == 1 and entry["pid"] != weather_pid
+    assert "server 'simple_weather' exited unexpectedly with code -9; restarting it" in g.output()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from typing import Callable
 import orjson
 from rich.table import Table
 
-from nemo_gym_cli.config import Composed, ServerSpec, secret_values
+from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
 from nemo_gym_cli.graph import ray_runner
 from nemo_gym_cli.graph.build import COLOCATED_ARG
 from nemo_gym_cli.graph.head import HeadServer
@@ -56,8 +55,7 @@ class Launcher:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        head = self.config.get("head_server") or {}
-        host, port = str(head.get("host", "127.0.0.1")), int(head.get("port", 11000))
+        host, port = head_address(self.config)
         try:
             await self.head.start(host, port)
         except OSError as e:
@@ -119,7 +117,8 @@ class Launcher:
 
     def _config_for_children(self) -> dict:
         config = dict(self.config)
-        config["head_server"] = {**(config.get("head_server") or {}), "port": int(self.head.url.rsplit(":", 1)[1])}
+        host, _ = head_address(self.config)  # the port it got (the configured one, or any free one)
+        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": int(self.head.url.rsplit(":", 1)[1])}
         return config
 
     # ------------------------------------------------------------ readiness and watching
@@ -187,7 +186,7 @@ class Launcher:
     def _print_table(self, seconds: float) -> None:
         table = Table(title=f"All {len(self.specs)} servers ready in {seconds:.2f} s (head server {self.head.url})")
         with_replicas = any(s.replicas > 1 for s in self.specs.values())
-        with_nodes = any(s["node"] != socket.gethostname() for s in self.head.servers.values())  # e.g. Ray nodes
+        with_nodes = len({s["node"] for s in self.head.servers.values()}) > 1  # e.g. Ray actors on several nodes
         columns = ("name", "type", "impl", *(("replica",) if with_replicas else ()), "url", "pid", *(("node",) if with_nodes else ()))
         for col in columns:
             table.add_column(col)

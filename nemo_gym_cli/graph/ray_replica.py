@@ -14,9 +14,8 @@ import os
 import sys
 import threading
 
-from nemo_gym_cli.config import head_url, secret_values, server_specs
-from nemo_gym_cli.graph.build import build_server, serve
-from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.config import secret_values, server_specs
+from nemo_gym_cli.graph.host import host_servers
 from nemo_gym_cli.serving.logs import ScrubbingStream, setup_logging
 from nemo_gym_cli.serving.runtime import run_async
 
@@ -54,7 +53,7 @@ class ReplicaActor:
 
     # ------------------------------------------------------------ called by the driver
     def ready(self, timeout_s: float) -> dict:
-        """Where it serves once it does: {name, url, pid, replica, node, ip, error}."""
+        """Whether it serves (registered with the head server), and where: {pid, node, ip, error, serving}."""
         self.serving.wait(timeout_s)
         return {**self.info, "ip": self.node_ip, "node": self.node_id, "pid": os.getpid(), "error": self.error,
                 "serving": bool(self.info) and self.error is None and not self.ended.is_set()}
@@ -78,25 +77,16 @@ class ReplicaActor:
 async def serve_replica(actor: ReplicaActor) -> None:
     """The replica's server on the actor's own loop (not a method: a coroutine method would make
     Ray run the actor as an async actor, whose blocking calls would stall one another)."""
+    actor.loop, actor.stop_event = asyncio.get_running_loop(), asyncio.Event()
     spec = server_specs(actor.config)[actor.name]
-    # The node's address so that other nodes reach it; 0.0.0.0 only if the instance asks.
-    host = str(spec.config.get("host") or actor.node_ip)
-    client = ServerClient(actor.config.get("http_client"), head_url(actor.config))
-    try:
-        server = build_server(spec, actor.config, client)
-        running = await serve(server, host, int(spec.config.get("port") or 0))
-        try:
-            actor.loop, actor.stop_event = asyncio.get_running_loop(), asyncio.Event()
-            # Bound to every address (the instance asked): others reach it at the node's one.
-            url = running.url.replace("//127.0.0.1:", f"//{actor.node_ip}:") if host in ("0.0.0.0", "") else running.url
-            actor.info = {"name": actor.name, "url": url, "pid": os.getpid(), "replica": actor.replica,
-                         "node": actor.node_id}
-            await client.request_json("POST", f"{client.head_url}/register", actor.info, server="head server", timeout_s=10)
-            server.log.info("serving %s/%s at %s (replica %d, Ray node %s)", spec.server_type, spec.impl,
-                            url, actor.replica, actor.node_id)
-            actor.serving.set()
-            await actor.stop_event.wait()
-        finally:
-            await running.stop()
-    finally:
-        await client.close()
+    # The node's address, so that other nodes reach it; 0.0.0.0 only if the instance asks.
+    bind_host = str(spec.config.get("host") or actor.node_ip)
+
+    def serving() -> None:
+        actor.info = {"pid": os.getpid(), "replica": actor.replica}
+        actor.serving.set()
+
+    code = await host_servers(actor.config, [actor.name], actor.replica, actor.stop_event, bind_host=bind_host,
+                              node=actor.node_id, advertise_host=actor.node_ip, on_serving=serving)
+    if code != 0:
+        raise RuntimeError(f"server '{actor.name}' could not start or register (exit code {code}; its lines above say why)")

@@ -202,8 +202,9 @@ class RayReplica:
                 continue  # not ready yet: ask again (the head server's readiness timeout decides)
             if info["pid"] != self.pid:
                 what = "restarted by Ray" if self.pid else "runs"
+                url = self.owner.head.servers[(self.spec.name, self.replica)]["url"]  # as it registered
                 self.owner.say(f"[{self.label}] {what} on Ray node {info['node']} ({info['ip']}), pid {info['pid']}, "
-                               f"serving at {info['url']}")
+                               f"serving at {url}")
                 self.pid = info["pid"]
             try:
                 error = await _result(actor.wait_stopped.remote())

@@ -173,7 +173,9 @@ class ServerClient:
         if session_id:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
         for failovers in range(MAX_FAILOVERS + 1):
-            reps = await self.replicas(server)
+            reps = self.resolver.names.get(server)
+            if reps is None or not reps.live or reps.degraded:  # (the common case skips a coroutine)
+                reps = await self.replicas(server)
             fresh = False  # this call made the session's pin: nothing of the session is on it yet
             if session_id is None:
                 replica = reps.least_loaded()
