@@ -23,6 +23,7 @@ import orjson
 from rich.table import Table
 
 from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
+from nemo_gym_cli.graph import ray_runner
 from nemo_gym_cli.graph.build import COLOCATED_ARG
 from nemo_gym_cli.graph.head import HeadServer
 from nemo_gym_cli.graph.processes import LocalProcess
@@ -209,4 +210,23 @@ class Launcher:
 
 
 async def run_graph(composed: Composed) -> int:
-    return await Launcher(composed).run()
+    if not ray_runner.ray_address(composed.config):
+        return await Launcher(composed).run()
+    # On a Ray cluster: the same launcher, with every replica a Ray actor (ray_runner.py).
+    problems = ray_runner.check_ray_config(composed.config, composed.servers)
+    if problems:
+        console.print("ng_run: " + "\n  ".join(["the Ray settings have problems:", *problems]), style="red", markup=False)
+        return 2
+    try:
+        ray = ray_runner.connect(composed.config)
+    except ray_runner.RayUnavailable as e:
+        console.print(f"ng_run: {e}", style="red", markup=False)
+        return 1
+    launcher = Launcher(composed)
+    replicas = ray_runner.RayReplicas(ray, launcher.config, launcher.head, lambda text: console.print(text, markup=False))
+    launcher.runner_factory = replicas.factory
+    try:
+        return await launcher.run()
+    finally:
+        replicas.close()
+        ray.shutdown()
