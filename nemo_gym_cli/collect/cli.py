@@ -71,7 +71,10 @@ def positive_int(config: dict, key: str, allow_zero: bool = False) -> int:
 
 
 class Collector:
+    """ng_collect_rollouts; ng_reverify (reverify.py) is the same run with other jobs and call."""
+
     command = "ng_collect_rollouts"
+    call = None  # one attempt of a job (None: the agent's /run, collect.api.run_agent)
 
     def __init__(self, composed: Composed):
         self.config = cfg = composed.config
@@ -147,6 +150,9 @@ class Collector:
         self.fail_fd = os.open(self.failures_path, flags | os.O_TRUNC, 0o644)
         return done, failed
 
+    async def prepare(self, agents: set[str]) -> None:
+        """Setup a subclass needs once the graph's agents are known."""
+
     def jobs(self, done: set, failed: dict, skipped: list[int]):
         jobs = J.iter_file(self.input, self.rows_limit, self.repeats, self.agent, self.params)
         return J.for_resume(jobs, done, failed, self.max_attempts, skipped)
@@ -163,12 +169,13 @@ class Collector:
     async def run(self) -> int:
         agents = await self.check_agents()
         self.stats.thresholds = await self.pass_thresholds(agents)
+        await self.prepare(agents)
         models = await model_servers(self.client)
         backends_before = await backend_counts(self.client, models)
         done, failed = self.open_outputs()
         skipped = [0]
         self.run_ = run = RolloutRun(self.jobs(done, failed, skipped), self.client, self.limit,
-                                     max_attempts=self.max_attempts, agents=agents,
+                                     max_attempts=self.max_attempts, agents=agents, call=self.call,
                                      backoff_s=float(self.config.get("retry_backoff_s", 0.5)))
         progress = self._progress(self.total(done))
         loop = asyncio.get_running_loop()
@@ -201,7 +208,7 @@ class Collector:
             return
         self.stats.add_failure(job.agent)
         os.write(self.fail_fd, orjson.dumps(outcome.failure_record()) + b"\n")
-        if job.line is not None and job.status == 400 and not job.exhausted and job.rollout == 0:
+        if job.line is not None and job.status == 400 and not job.exhausted and job.rollout <= 0:
             self.console.print(f"skipped: {outcome.error}", style="yellow", markup=False)
 
     def _on_signal(self) -> None:
@@ -234,13 +241,13 @@ class Collector:
                                      + f"failed={self.stats.failed} retries={retries}", refresh=False)
 
 
-async def collect(composed: Composed) -> int:
+async def collect(composed: Composed, kind: type[Collector] = Collector) -> int:
     collector = None
     try:
-        collector = Collector(composed)
+        collector = kind(composed)
         return await collector.run()
     except SetupError as e:
-        make_console(stderr=True).print(f"ng_collect_rollouts: {e}", markup=False)
+        make_console(stderr=True).print(f"{kind.command}: {e}", markup=False)
         return 2
     finally:
         if collector is not None:

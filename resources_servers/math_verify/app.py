@@ -44,7 +44,9 @@ class MathVerifyResourcesServer(SimpleResourcesServer):
             graded = {"reward": 0.0, "extracted_answer": None, "reason": "the response has no assistant text"}
         else:
             graded = await self.pool.grade(str(expected), answer)
-        result = {**body, "reward": graded["reward"], "extracted_answer": graded["extracted_answer"]}
+        # a stored rollout sent again (ng_reverify) carries its old grade: replace all of it
+        result = {k: v for k, v in body.items() if k != "grading_error"}
+        result.update(reward=graded["reward"], extracted_answer=graded["extracted_answer"])
         if graded.get("reason"):
             result["grading_error"] = graded["reason"]
         return result
