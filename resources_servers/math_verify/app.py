@@ -7,6 +7,9 @@ reward 0.0 with the reason in `grading_error`, never a 500.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from nemo_gym_cli.config.typed import ServerConfig
 from nemo_gym_cli.serving import SimpleResourcesServer, require, route
 
 from resources_servers.math_verify.grader import GraderPool
@@ -23,12 +26,24 @@ def last_assistant_text(response: dict | None) -> str:
     return ""
 
 
+@dataclass(kw_only=True)
+class MathVerifyConfig(ServerConfig):
+    """workers and timeout_s are listed, with what they do, in configs/math_verify.yaml."""
+
+    workers: int
+    timeout_s: float
+    inner_timeout_s: int | None = None  # math-verify's own parse/verify timeouts; null = timeout_s
+
+
 class MathVerifyResourcesServer(SimpleResourcesServer):
+    config_type = MathVerifyConfig
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pool = GraderPool(workers=int(self.config_field("workers", int, 2)),
-                               timeout_s=float(self.config_field("timeout_s", (int, float), 5)),
-                               inner_timeout_s=self.config_field("inner_timeout_s", int, None))
+        cfg = self.config
+        if cfg.workers < 1 or cfg.timeout_s <= 0:
+            raise ValueError(f"server '{self.name}': workers must be >= 1 and timeout_s > 0, got {cfg.workers}, {cfg.timeout_s}")
+        self.pool = GraderPool(workers=cfg.workers, timeout_s=cfg.timeout_s, inner_timeout_s=cfg.inner_timeout_s)
 
     async def on_startup(self) -> None:
         await self.pool.start()
