@@ -26,7 +26,7 @@ from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.config import head_url as default_head_url
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 
-RETRY_BACKOFF_S = 0.5  # first retry after up to this long (full jitter), doubling, capped at 8 s
+RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
 
 
 def retryable(status: int | None) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
-from nemo_gym_cli.collect.api import Outcome, RolloutRun, list_agents
+from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, list_agents
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.collect.report import backend_counts, model_servers, report, spread
 from nemo_gym_cli.collect.stats import Stats
@@ -176,7 +176,7 @@ class Collector:
         skipped = [0]
         self.run_ = run = RolloutRun(self.jobs(done, failed, skipped), self.client, self.limit,
                                      max_attempts=self.max_attempts, agents=agents, call=self.call,
-                                     backoff_s=float(self.config.get("retry_backoff_s", 0.5)))
+                                     backoff_s=float(self.config.get("retry_backoff_s", RETRY_BACKOFF_S)))
         progress = self._progress(self.total(done))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
