@@ -15,6 +15,7 @@ causes (other 4xx: a bad row, an unknown agent) is not. A failed rollout is yiel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import deque
@@ -211,7 +212,8 @@ async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
         agents = {s["name"] for s in await list_agents(client)}
         jobs = iter_rows(rows, Repeats(num_repeats), agent_name, responses_create_params)
         run = RolloutRun(jobs, client, limit, max_attempts=max_attempts, agents=agents)
-        async for outcome in run:
-            yield outcome.as_dict()
+        async with contextlib.aclosing(run.__aiter__()) as outcomes:  # leaving early cancels what is in flight
+            async for outcome in outcomes:
+                yield outcome.as_dict()
     finally:
         await client.close()

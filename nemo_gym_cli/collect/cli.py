@@ -7,6 +7,7 @@ files, resume, signals, the progress bar and the summary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -182,10 +183,11 @@ class Collector:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
         try:
-            async for outcome in run:
-                self._write(outcome)
-                if progress is not None:
-                    self._tick(progress)
+            async with contextlib.aclosing(run.__aiter__()) as outcomes:
+                async for outcome in outcomes:
+                    self._write(outcome)
+                    if progress is not None:
+                        self._tick(progress)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
