@@ -28,11 +28,11 @@ def last_assistant_text(response: dict | None) -> str:
 
 @dataclass(kw_only=True)
 class MathVerifyConfig(ServerConfig):
-    """workers and timeout_s are listed, with what they do, in configs/math_verify.yaml."""
+    """`workers` and `timeout_s` are listed with their defaults in configs/math_verify.yaml."""
 
-    workers: int
-    timeout_s: float
-    inner_timeout_s: int | None = None  # math-verify's own parse/verify timeouts; null = timeout_s
+    workers: int  # grading processes (sympy is CPU work, off the event loop)
+    timeout_s: float  # per answer; a worker stuck longer is killed and replaced, reward 0.0
+    inner_timeout_s: int | None = None  # math-verify's own parse/verify timeout inside a worker
 
 
 class MathVerifyResourcesServer(SimpleResourcesServer):
