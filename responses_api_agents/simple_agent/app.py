@@ -53,6 +53,8 @@ class SimpleAgentConfig(ServerConfig):
     # After a turn with tool calls, send tool_choice "auto" instead of a forced one, so that
     # "call a tool first" does not become "call tools forever" (as the OpenAI Agents SDK does).
     reset_tool_choice: bool = False
+    # The collector's pass@k counts a rollout of this agent as a pass when its reward is >= this.
+    pass_threshold: float = 1.0
 
 
 class SimpleAgent(ResponsesAPIAgent):
