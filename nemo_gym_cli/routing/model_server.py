@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_gym_cli.routing.upstream import Upstream
+from nemo_gym_cli.routing.upstream import Upstream, UpstreamConfig
 from nemo_gym_cli.serving.kinds import ResponsesAPIModel
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
@@ -13,9 +13,11 @@ class UpstreamModel(ResponsesAPIModel):
     """A model adapter over OpenAI-compatible upstream servers (`base_url`, `api_key`, `model`):
     Chat Completions pass through with session routing; /release_session frees the pin."""
 
+    config_type = UpstreamConfig
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model = str(self.config_field("model", str))
+        self.model = self.config.model
         self.upstream = Upstream(self)
 
     async def on_shutdown(self) -> None:
