@@ -16,8 +16,8 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from nemo_gym_cli.routing import Backend, BackendUnavailable, NoHealthyBackend, Router, SessionTable, make_policy
+from nemo_gym_cli.routing.model_server import UpstreamModel
 from nemo_gym_cli.routing.upstream import Upstream, UpstreamError
-from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.client import ServerClient
 
 POLICIES = ["least_loaded", "round_robin", "hash"]
@@ -109,16 +109,16 @@ async def make_upstream(vllms):
     made: list[Upstream] = []
 
     def make(policy: str = "least_loaded", **settings) -> Upstream:
-        """The Upstream a vllm_model adapter builds from its config (routing_policy, probe_interval_s, ...)."""
+        """The Upstream a model adapter builds from its config (routing_policy, probe_interval_s, ...)."""
         settings.setdefault("probe_interval_s", 0.02)
-        config = {"base_url": [v.url for v in vllms], "routing_policy": policy, **settings}
-        up = Upstream(BaseServer("policy_model", config, client=ServerClient({"max_retries": 0})))
+        config = {"base_url": [v.url for v in vllms], "model": "m", "routing_policy": policy, **settings}
+        up = UpstreamModel("policy_model", config, client=ServerClient({"max_retries": 0})).upstream
         made.append(up)
         return up
 
     yield make
     for up in made:
-        await up.close()
+        await up.server.on_shutdown()
         await up.server.client.close()
 
 
