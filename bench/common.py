@@ -36,8 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 from nemo_gym_cli.testing import harness
-from nemo_gym_cli.testing.harness import (BIN, PY, VLLM_MODEL, WEATHER, WEATHER_AGENT, GaveUp, Graph,  # noqa: F401
-                                          StandIn, script)  # BIN, PY: the benches use them as C.BIN, C.PY
+from nemo_gym_cli.testing.harness import (BIN, PY, VLLM_MODEL, WEATHER, WEATHER_AGENT, GaveUp, Graph, http_get,  # noqa: F401
+                                          StandIn, script)  # BIN, PY, http_get: the benches use them as C.*
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"

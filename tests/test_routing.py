@@ -10,7 +10,6 @@ import time
 import zlib
 from collections import Counter, defaultdict
 
-import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -111,6 +110,7 @@ async def make_upstream(vllms):
     def make(policy: str = "least_loaded", **settings) -> Upstream:
         """The Upstream a model adapter builds from its config (routing_policy, probe_interval_s, ...)."""
         settings.setdefault("probe_interval_s", 0.02)
+        settings.setdefault("health_interval_s", 0)  # passive only, unless a test is about active checks
         config = {"base_url": [v.url for v in vllms], "model": "m", "routing_policy": policy, **settings}
         up = UpstreamModel("policy_model", config, client=ServerClient({"max_retries": 0})).upstream
         made.append(up)
@@ -425,7 +425,7 @@ def test_unknown_policy_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid policies: hash, least_loaded, round_robin"):
         make_policy("fastest")
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
-        Router(["http://h:8000/v1"], policy="fastest", http_session=aiohttp.ClientSession)
+        Router(["http://h:8000/v1"], policy="fastest", probe=None)
 
 
 @pytest.mark.parametrize("url, root", [
