@@ -35,10 +35,12 @@ async def show_status(config: dict) -> int:
 
         answers = await asyncio.gather(*(check(s) for s in servers))
         table = Table(title=f"head server {client.head_url}")
-        for col in ("name", "type", "impl", "url", "pid", "state", "answers"):
+        for col in ("name", "type", "impl", "url", "pid", "state", "restarts", "answers"):
             table.add_column(col)
         for s, answer in zip(servers, answers):
-            table.add_row(s["name"], s["server_type"], s["impl"], s.get("url") or "-", str(s.get("pid") or "-"), s["state"], answer)
+            name = s["name"] if not s.get("replica") else f"{s['name']}#{s['replica']}"
+            table.add_row(name, s["server_type"], s["impl"], s.get("url") or "-", str(s.get("pid") or "-"), s["state"],
+                          str(s.get("restarts", 0)), answer)
         console.print(table)
         return 0 if all("up" in a for a in answers) else 1
     finally:

@@ -15,6 +15,7 @@ causes (other 4xx: a bad row, an unknown agent) is not. A failed rollout is yiel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.config import head_url as default_head_url
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 
-RETRY_BACKOFF_S = 0.5  # first retry after up to this long (full jitter), doubling, capped at 8 s
+RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
 
 
 def retryable(status: int | None) -> bool:
@@ -211,7 +212,8 @@ async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
         agents = {s["name"] for s in await list_agents(client)}
         jobs = iter_rows(rows, Repeats(num_repeats), agent_name, responses_create_params)
         run = RolloutRun(jobs, client, limit, max_attempts=max_attempts, agents=agents)
-        async for outcome in run:
-            yield outcome.as_dict()
+        async with contextlib.aclosing(run.__aiter__()) as outcomes:  # leaving early cancels what is in flight
+            async for outcome in outcomes:
+                yield outcome.as_dict()
     finally:
         await client.close()
