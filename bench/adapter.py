@@ -9,7 +9,7 @@ Directs and adapter runs alternate (direct, adapter, adapter-chat, direct, ...) 
 noise hits both; the ratio is adapter req/s over the mean direct req/s. Also the spread of the
 adapter's requests over the 3 backends (from the stand-ins' counters).
 
-python bench/adapter.py [--requests 5000] [--concurrency 100] [--repeats 2]
+python -m bench.adapter [--requests 5000] [--concurrency 100] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import aiohttp
 import orjson
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import NgRun, console, machine_info, repro_command, start_standins, stop_all, write_results  # noqa: E402
+from bench.common import (VLLM_MODEL, NgRun, console, machine_info, repro_command, start_standins, stop_all,
+                          write_results)
 
-VLLM_MODEL = "responses_api_models/vllm_model/configs/vllm_model.yaml"
 QUESTION = "What is the weather like in Paris today? Answer in one short sentence."
 
 

@@ -9,21 +9,18 @@ At least N x S requests must be in flight to reach it, so the collector runs at 
 (bench/direct_client.py) at the same concurrency shows what this machine can reach with no
 servers in between. % of bound uses the collector's own rollouts/s (its startup excluded).
 
-    python bench/backend_bound.py
-    python bench/backend_bound.py --rollouts 5000 --concurrency 96,128,192 --modes direct,default,colocated
+    python -m bench.backend_bound
+    python -m bench.backend_bound --rollouts 5000 --concurrency 96,128,192 --modes direct,default,colocated
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-import common as C  # noqa: E402
+from bench import common as C
 
 NAME = "backend_bound"
 TARGET_PCT = 95.0
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in concurrencies:
                 for mode in modes:
                     out = work.path / f"r{rnd}_{mode}_c{c}.jsonl"
-                    groups = {"standins": lambda: [p for s in standins for p in s.processes()]}
+                    groups = {"standins": lambda: C.processes_of(standins)}
                     if mode == "direct":
                         argv = C.direct_argv(urls, rows, out, c)
                     else:
@@ -135,16 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             tgt.append((f"default graph, conc {r['concurrency']}: % of capacity bound", f">= {TARGET_PCT:g}%",
                         C.fmt(pct, 1, "%"), None if pct is None else pct >= TARGET_PCT))
     C.console.print(C.targets_table("Targets (rollouts/s as the collector measures it, startup excluded)", tgt))
-    report = C.end_report()
-    path = C.write_results(NAME, {
-        "report": report,
-        "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
-        "bound_rollouts_per_s": bound,
-        "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
-        "summary": summary, "runs": runs,
-    })
-    C.print_footer(command, path)
-    return C.exit_code()
+    return C.finish(NAME, command, args, tgt, bound_rollouts_per_s=bound, summary=summary, runs=runs)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,13 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -38,15 +35,12 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-BENCH_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
-PY = sys.executable
-BIN = Path(sys.executable).parent  # the console scripts installed with the project
+from nemo_gym_cli.testing import harness
+from nemo_gym_cli.testing.harness import (BIN, PY, VLLM_MODEL, WEATHER, WEATHER_AGENT, GaveUp, Graph, http_get,  # noqa: F401
+                                          StandIn, script)  # BIN, PY, http_get: the benches use them as C.*
 
-VLLM_MODEL = "responses_api_models/vllm_model/configs/vllm_model.yaml"
-WEATHER = "resources_servers/simple_weather/configs/simple_weather.yaml"
-WEATHER_AGENT = "simple_weather_simple_agent"
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
 MODEL_KEY = "policy_model.responses_api_models.vllm_model"
 AGENT_KEY = "simple_weather_simple_agent.responses_api_agents.simple_agent"
 
@@ -76,38 +70,6 @@ def exit_code() -> int:
     if ERRORS:
         console.print(f"[red]{len(ERRORS)} run(s) failed or were incomplete (see above)[/red]")
     return 1 if ERRORS else 0
-
-
-def script(name: str) -> str:
-    path = BIN / name
-    if not path.exists():
-        raise SystemExit(f"{path} not found: install the project into this Python first (pip install -e {PROJECT_ROOT})")
-    return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 10) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except Exception as e:  # not up yet
-            last = e
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what} (last error: {last})")
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -194,34 +156,10 @@ def count_lines(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Processes we start; all of them are stopped by stop_all() (also on Ctrl-C)
+# Processes we start (the harness's stand-ins and graphs); stop_all() ends them (also on Ctrl-C)
 # ---------------------------------------------------------------------------------------
 
-_started: list["Managed"] = []
-
-
-class Managed:
-    proc: subprocess.Popen
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-
-def _stop_popen(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20, group: bool = True) -> None:
-    if proc.returncode is not None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
+_started: list[StandIn | Graph] = []
 
 
 def stop_all() -> None:
@@ -232,127 +170,48 @@ def stop_all() -> None:
             console.print(f"[yellow]bench: stopping a process failed: {e}[/yellow]")
 
 
-class Standin(Managed):
-    """One `ng_vllm_standin --port 0 --port-file ...`."""
-
-    def __init__(self, workdir: Path, name: str, flags: Iterable[str] = ()):
-        self.name = name
-        self.flags = list(flags)
-        port_file = workdir / f"{name}.port"
-        port_file.unlink(missing_ok=True)
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.argv = [script("ng_vllm_standin"), "--port", "0", "--port-file", str(port_file), *self.flags]
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        _started.append(self)
-        self.ps = psutil.Process(self.proc.pid)
-
-        def port():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"stand-in {name} exited: {self.log_path.read_text(errors='replace')[-2000:]}")
-            return port_file.exists() and port_file.read_text().strip()
-
-        self.port = int(wait_until(port, 30, f"stand-in {name} port file"))
-        self.root = f"http://127.0.0.1:{self.port}"
-        self.url = f"{self.root}/v1"
-        wait_until(lambda: http_get(self.root + "/health", 2) is not None, 30, f"stand-in {name} /health")
-
-    def sessions(self) -> dict[str, int]:
-        return json.loads(http_get(self.root + "/standin/sessions", 30))
-
-    def stats(self) -> dict:
-        return json.loads(http_get(self.root + "/standin/stats"))
-
-    def metrics(self) -> dict[str, float]:
-        """Prometheus text -> {metric name: sum over its label sets}."""
-        out: dict[str, float] = {}
-        for line in http_get(self.root + "/metrics").decode().splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name = re.split(r"[{ ]", line, maxsplit=1)[0]
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        return out
-
-    def processes(self) -> list[psutil.Process]:
-        return [self.ps]
-
-    def stop(self) -> None:
-        _stop_popen(self.proc)
-        self._log.close()
-        if self in _started:
-            _started.remove(self)
+def start_standins(workdir: Path, flags_per_standin: list[list[str]], prefix: str = "standin") -> list[StandIn]:
+    standins = harness.start_standins(workdir, flags_per_standin, prefix)
+    _started.extend(standins)
+    return standins
 
 
-def start_standins(workdir: Path, flags_per_standin: list[list[str]], prefix: str = "standin") -> list[Standin]:
-    return [Standin(workdir, f"{prefix}{i + 1}", flags) for i, flags in enumerate(flags_per_standin)]
+def processes_of(standins: Iterable[StandIn]) -> list[psutil.Process]:
+    """The stand-ins' processes, for CPU and RSS sampling."""
+    out = []
+    for s in standins:
+        try:
+            out.append(psutil.Process(s.proc.pid))
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
-class NgRun(Managed):
-    """`ng_run` of the weather graph (vllm_model + simple_weather) in its own working directory,
-    with its own head server port; env.yaml written there like a user would."""
-
-    READY = re.compile(r"servers\s+ready")
+class NgRun(Graph):
+    """`ng_run` of the weather graph (vllm_model + simple_weather) in workdir/name, env.yaml
+    pointing at `base_urls`; `processes()` is its whole tree once ready."""
 
     def __init__(self, workdir: Path, name: str, base_urls: list[str], *, colocate: bool = False,
                  extra_args: Iterable[str] = (), config_paths: Iterable[str] = (VLLM_MODEL, WEATHER)):
         self.name = name
-        self.cwd = workdir / name
-        self.cwd.mkdir(parents=True, exist_ok=True)
-        (self.cwd / "env.yaml").write_text(
-            f"policy_base_url: {','.join(base_urls)}\npolicy_api_key: EMPTY\npolicy_model_name: standin-model\n")
-        self.head_port = free_port()
-        self.argv = [script("ng_run"), f"+config_paths=[{','.join(config_paths)}]", f"+head_server.port={self.head_port}",
-                     *(["+colocate=true"] if colocate else []), *extra_args]
-        self.colocate = colocate
-        self.log_path = self.cwd / "ng_run.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.names_by_pid: dict[int, str] = {}  # filled by a benchmark that reports CPU per server
+        super().__init__(workdir / name, config_paths, harness.weather_env(base_urls), extra_args, colocate, wait=False)
         _started.append(self)
         self.ps = psutil.Process(self.proc.pid)
-        self._tree: list[psutil.Process] | None = None
-        self.names_by_pid: dict[int, str] = {}  # filled by a benchmark that reports CPU per server
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 120) -> "NgRun":
-        t0 = time.monotonic()
-
-        def ready():
-            if self.proc.poll() is not None:
-                raise SystemExit(f"ng_run ({self.name}) exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
-            return self.READY.search(self.output())
-
         try:
-            wait_until(ready, timeout, f"'servers ready' from ng_run ({self.name})")
-        except TimeoutError:
-            raise SystemExit(f"ng_run ({self.name}) not ready after {timeout:g} s:\n{self.output()[-4000:]}") from None
-        self.startup_s = time.monotonic() - t0
-        self._tree = [self.ps, *self.ps.children(recursive=True)]  # every server exists once ready
+            super().wait_ready(timeout)
+        except (TimeoutError, GaveUp) as e:
+            raise SystemExit(f"ng_run ({self.name}): {str(e)[-4000:]}") from None
         return self
 
     def processes(self) -> list[psutil.Process]:
-        return self._tree if self._tree is not None else [self.ps]
-
-    def pids(self) -> dict[str, int]:
-        """{'ng_run': pid, '<instance>': pid} from the head server."""
-        servers = json.loads(http_get(f"http://127.0.0.1:{self.head_port}/servers"))
-        return {"ng_run": self.ps.pid, **{s["name"]: s["pid"] for s in servers}}
+        return [self.ps, *self.children]
 
     def stop(self) -> None:
-        # ng_run stops its own children (they live in their own sessions); SIGTERM it alone.
-        _stop_popen(self.proc, signal.SIGTERM, timeout=30, group=False)
-        for child in self._tree or []:
-            if child.pid != self.ps.pid and child.is_running():
-                try:
-                    child.kill()
-                except psutil.NoSuchProcess:
-                    pass
-        self._log.close()
-        if self in _started:
-            _started.remove(self)
+        super().stop()
+        self.kill_leftovers()
 
 
 # ---------------------------------------------------------------------------------------
@@ -559,7 +418,8 @@ def read_json(path: Path) -> dict:
 
 def repro_command(parser: argparse.ArgumentParser, args: argparse.Namespace, script_file: str) -> str:
     """The exact command (every option spelled out) that reproduces this run."""
-    parts = [PY, os.path.relpath(script_file, Path.cwd()) if Path(script_file).is_absolute() else script_file]
+    module = "bench." + Path(script_file).stem
+    parts = [PY, "-m", module]
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
@@ -629,6 +489,18 @@ def print_header(title: str, command: str) -> None:
 def print_footer(command: str, results_path: Path) -> None:
     console.print(f"results: {os.path.relpath(results_path, Path.cwd())}")
     console.print(f"reproduce with: [bold]{command}[/bold]", soft_wrap=True)
+
+
+def finish(name: str, command: str, args: argparse.Namespace, targets: list[tuple], **results: Any) -> int:
+    """End of a benchmark: results JSON (with the printed report), footer, exit code."""
+    path = write_results(name, {
+        "report": end_report(),
+        "benchmark": name, "command": command, "machine": machine_info(), "settings": vars(args),
+        "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in targets],
+        **results,
+    })
+    print_footer(command, path)
+    return exit_code()
 
 
 class Workdir:

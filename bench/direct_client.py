@@ -10,7 +10,7 @@ it, X-Session-ID sent like the gym does); exactly --concurrency rollouts in flig
 read lazily; each result written at once as one JSONL line (like ng_collect_rollouts);
 a metrics JSON (<output stem>_metrics.json) with rollouts/s and latency p50/p95.
 
-    python bench/direct_client.py --backends http://127.0.0.1:8001/v1,http://127.0.0.1:8002/v1 \
+    python -m bench.direct_client --backends http://127.0.0.1:8001/v1,http://127.0.0.1:8002/v1 \
         --input rows.jsonl --output out.jsonl --concurrency 100
 """
 

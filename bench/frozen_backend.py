@@ -8,8 +8,8 @@ port accepts connections, nothing answers). The health checks find it, cut its r
 flight off and re-issue them on the others. Fresh stand-ins and ng_run for every run.
 Without health checks the frozen server's rollouts waited for the 600 s request timeout.
 
-    python bench/frozen_backend.py                   # 600 rollouts, concurrency 60, 3 stand-ins
-    python bench/frozen_backend.py --rounds 3 --latency-ms 20
+    python -m bench.frozen_backend                   # 600 rollouts, concurrency 60, 3 stand-ins
+    python -m bench.frozen_backend --rounds 3 --latency-ms 20
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-import common as C  # noqa: E402
+from bench import common as C
 
 NAME = "frozen_backend"
 BOUND_S = 45.0  # the issue's bound for 600 rollouts at concurrency 60 with one server frozen 1 s in

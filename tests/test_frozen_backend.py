@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from conftest import VLLM_MODEL, WEATHER, http_json, script, stop_process, wait_until, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, http_json, script, stop_process, wait_until, weather_env
 
 MODEL = "++policy_model.responses_api_models.vllm_model"
 # Fast checks keep the test short; the defaults (2 s, 2 s, 3) are measured in bench/frozen_backend.py.

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import VLLM_MODEL, http_json
+from nemo_gym_cli.testing.harness import VLLM_MODEL, http_json
 from rawhttp import RawServer, response
 
 GOOD = {"id": "c1", "object": "chat.completion", "created": 0, "model": "m",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import VLLM_MODEL, WEATHER, run_cli
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, run_cli
 
 JUDGE_MODEL = "responses_api_models/vllm_model/configs/vllm_judge_model.yaml"
 JUDGE_ENV = "resources_servers/equivalence_llm_judge/configs/equivalence_llm_judge.yaml"

@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from conftest import VLLM_MODEL, WEATHER, http_json, run_cli, wait_until
-from real_vllm_harness import ensure_installed, start_real_vllms
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, http_json, run_cli, wait_until
+from nemo_gym_cli.testing.harness import ensure_installed, start_real_vllms
 
 pytestmark = pytest.mark.real_vllm
 

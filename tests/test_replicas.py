@@ -12,9 +12,9 @@ import os
 import signal
 import socket
 
-from conftest import VLLM_MODEL, WEATHER, http_json, run_cli, wait_until, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, http_json, run_cli, wait_until, weather_env
 from test_collect_rollouts import collect, read_lines, write_rows
-from test_ng_run import ENV, by_name, start_pair, user_folder
+from test_ng_run import ENV, start_pair, user_folder
 from test_restarts import relay
 
 TWO_ECHOES = ["++echo.resources_servers.ng_test_echo.replicas=2"]

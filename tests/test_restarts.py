@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import VLLM_MODEL, WEATHER, http_json, script, wait_until, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, http_json, script, wait_until, weather_env
 from test_collect_rollouts import read_lines, write_rows
 from test_ng_run import alive, by_name, server_processes, start_pair, wait_for_exit
 

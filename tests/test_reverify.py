@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import VLLM_MODEL, WEATHER, run_cli, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, run_cli, weather_env
 
 MATH = "resources_servers/math_verify/configs/math_verify.yaml"
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from conftest import VLLM_MODEL, WEATHER, run_cli
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, run_cli
 from nemo_gym_cli.config import ConfigError
 from nemo_gym_cli.config.typed import ServerConfig, ServerRef, UrlList, load_config
 

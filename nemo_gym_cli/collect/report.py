@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 
@@ -24,13 +25,13 @@ async def backend_counts(client: ServerClient, urls: list[str]) -> dict[str, flo
     for url in urls:
         try:
             status, raw = await client.raw_request("GET", f"{url}/metrics", None, None, 5)
-            text = raw.decode()
-        except Exception:
+            samples = [s for family in text_string_to_metric_families(raw.decode()) for s in family.samples]
+        except Exception:  # no spread table row for an adapter that cannot tell
             continue
-        for line in text.splitlines():
-            if line.startswith("ng_model_backend_requests_total{") and 'outcome="ok"' in line:
-                backend = line.split('backend="', 1)[1].split('"', 1)[0]
-                counts[backend] = counts.get(backend, 0.0) + float(line.rsplit(" ", 1)[1])
+        for sample in samples:
+            if sample.name == "ng_model_backend_requests_total" and sample.labels.get("outcome") == "ok":
+                backend = sample.labels.get("backend", "")
+                counts[backend] = counts.get(backend, 0.0) + sample.value
     return counts
 
 

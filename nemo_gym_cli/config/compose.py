@@ -145,8 +145,9 @@ def _load_config_paths(paths: list[str], cwd: Path, problems: list[str]) -> list
     return loaded
 
 
-def find_env_yaml(cwd: Path) -> Path | None:
-    for root in search_roots(cwd):
+def find_env_yaml(cwd: Path, roots: list[Path] | None = None) -> Path | None:
+    """The first env.yaml in `roots` (default: the current directory, then the project root)."""
+    for root in search_roots(cwd) if roots is None else roots:
         if (root / "env.yaml").is_file():
             return root / "env.yaml"
     return None
@@ -174,9 +175,12 @@ def compose(
     cwd: Path | None = None,
     strict_cli: bool = False,
     validate: bool = True,
+    env_yaml_roots: list[Path] | None = None,
 ) -> Composed:
     """Compose, resolve and (optionally) validate. Raises ConfigError listing every problem.
 
+    env_yaml_roots: where env.yaml is looked for (default: cwd, then the project root); tests
+    pass their own directory so a developer's env.yaml at the project root cannot leak in.
     strict_cli: a command-line key must already be known (from conf/ defaults, env.yaml or
     config files): `+concurency=10` is then an error with "did you mean", never ignored.
     """
@@ -189,7 +193,7 @@ def compose(
         if (CONF_DIR / name).is_file():
             layers.append((f"conf/{name}", load_yaml(CONF_DIR / name, "defaults")))
 
-    env_path = find_env_yaml(cwd)
+    env_path = find_env_yaml(cwd, env_yaml_roots)
     env_cfg = load_yaml(env_path, "env file") if env_path else OmegaConf.create({})
 
     # config_paths: the command line wins, then env.yaml, then defaults.

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Smoke probe of the real vLLM setup: starts two servers with tests/real_vllm_harness.py, checks
+"""Smoke probe of the real vLLM setup: starts two servers with the harness
+(nemo_gym_cli.testing.harness.real_vllm), checks
 the response shapes the project relies on, prints them, and stops both servers.
 
-Usage: python scripts/real_vllm/probe.py [OUT_JSON]     (any Python >= 3.10; stdlib only)
+Usage: .venv/bin/python scripts/real_vllm/probe.py [OUT_JSON]     (the project's venv)
 Needs scripts/real_vllm/install.sh to have run. Exit status 0 = every check passed.
 """
 from __future__ import annotations
@@ -16,8 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from real_vllm_harness import ensure_installed, free_port, start_real_vllm  # noqa: E402
+from nemo_gym_cli.testing.harness import ensure_installed, free_port, start_real_vllm
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city", "strict": True,

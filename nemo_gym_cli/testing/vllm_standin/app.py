@@ -109,8 +109,9 @@ async def handle_sessions(request: web.Request) -> web.Response:
 
 
 async def handle_stats(request: web.Request) -> web.Response:
-    counts = request.app[STANDIN].counts
-    return json_response({"requests": counts["chat"] + counts["responses"], **counts})
+    standin = request.app[STANDIN]
+    counts = standin.counts
+    return json_response({"requests": counts["chat"] + counts["responses"], **counts, "peak_running": standin.peak_running})
 
 
 @web.middleware

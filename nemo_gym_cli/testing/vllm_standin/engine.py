@@ -55,6 +55,7 @@ class Standin:
         self.cache = PrefixCache()
         self.sem: asyncio.Semaphore | None = None  # created on the server's loop
         self.running = 0
+        self.peak_running = 0  # most requests ever running at once: tests read it instead of sampling
         self.waiting = 0
         self.counts = {"chat": 0, "responses": 0, "tokenize": 0}
         self.success = {"stop": 0, "length": 0, "abort": 0}
@@ -85,6 +86,8 @@ class Standin:
         finally:
             self.waiting -= 1
         self.running += 1
+        if self.running > self.peak_running:
+            self.peak_running = self.running
         try:
             hits = self.cache.lookup_and_insert(prompt_ids)
             delay = (self.config.latency_ms + self.config.per_token_ms * output_tokens) / 1000

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VLLM_MODEL, WEATHER, http_json, wait_until, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, http_json, wait_until, weather_env
 
 AGENT_CFG = "simple_weather_simple_agent.responses_api_agents.simple_agent"
 TOOLS = [{"type": "function", "name": "get_weather", "parameters": {
@@ -97,7 +97,7 @@ def test_an_episode_that_only_reasons_stops_at_the_hard_cap(scripted):
 
 
 def test_run_seeds_runs_verifies_and_releases_the_session(standins, graph, tmp_path, mode):
-    shutil.copytree(Path(__file__).parent / "fixtures/agent_env/resources_servers", tmp_path / "resources_servers")
+    shutil.copytree(Path(__file__).parent / "agent_env/resources_servers", tmp_path / "resources_servers")
     backends = standins(2)
     g = graph([VLLM_MODEL, "resources_servers/recording_env/configs/recording_env.yaml"], env=weather_env(backends),
               colocate=(mode == "colocated"))

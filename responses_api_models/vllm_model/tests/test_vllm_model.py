@@ -14,7 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PROJECT_ROOT, VLLM_MODEL, WEATHER, free_port, http_json, wait_until, weather_env
+from nemo_gym_cli.testing.harness import PROJECT_ROOT, VLLM_MODEL, WEATHER, free_port, http_json, wait_until, weather_env
 
 AGENT = "simple_weather_simple_agent"
 ROWS = [json.loads(line) for line in (PROJECT_ROOT / "resources_servers/simple_weather/data/example.jsonl").read_text().splitlines()
@@ -300,7 +300,8 @@ def test_no_backend_reachable_is_a_503_naming_the_urls(graph, tmp_path):
     elapsed = time.monotonic() - t0
     assert status == 503, body
     assert all(url in body["error"]["message"] for url in dead), body
-    assert elapsed < 8, f"took {elapsed:.1f} s with wait_for_backend_s=1"
+    # The configured 1 s wait was applied, not the default 30 s; generous for a loaded machine.
+    assert elapsed < 20, f"took {elapsed:.1f} s with wait_for_backend_s=1"
 
     status, body = http_json(g.url(AGENT) + "/run", row(0), timeout=60)
     assert status == 503, body

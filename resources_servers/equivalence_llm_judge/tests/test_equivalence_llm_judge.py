@@ -11,7 +11,7 @@ import json
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, VLLM_MODEL, http_json, run_cli
+from nemo_gym_cli.testing.harness import PROJECT_ROOT, VLLM_MODEL, http_json, run_cli
 
 JUDGE_MODEL = "responses_api_models/vllm_model/configs/vllm_judge_model.yaml"
 JUDGE_ENV = "resources_servers/equivalence_llm_judge/configs/equivalence_llm_judge.yaml"

@@ -7,7 +7,7 @@ import json
 
 import openai
 
-from conftest import PROJECT_ROOT, VLLM_MODEL, WEATHER, http_json, weather_env
+from nemo_gym_cli.testing.harness import PROJECT_ROOT, VLLM_MODEL, WEATHER, http_json, weather_env
 
 OPENAI_MODEL = "responses_api_models/openai_model/configs/openai_model.yaml"
 AGENT = "simple_weather_simple_agent"

