@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections import deque
@@ -25,7 +26,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 from nemo_gym_cli.collect.jobs import AGENT_TYPE, Job, Repeats, agent_ref, iter_rows
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.config import head_url as default_head_url
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import HttpClientConfig, ServerCallError, ServerClient
 
 RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
 
@@ -193,6 +194,12 @@ async def list_agents(client: ServerClient) -> list[dict]:
     return [s for s in servers if s.get("server_type") == "responses_api_agents"]
 
 
+def collector_client(head_url: str, http_config: dict | None, limit: ConcurrencyLimit) -> ServerClient:
+    """A server client with room for every rollout in flight (https:// goes through aiohttp's pool)."""
+    http = HttpClientConfig.of(http_config)
+    return ServerClient(dataclasses.replace(http, connector_limit=max(http.connector_limit, 2 * limit.value)), head_url)
+
+
 async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
                            concurrency: "int | ConcurrencyLimit" = 100, num_repeats: "int | dict[str, int]" = 1,
                            agent_name: str | None = None, max_attempts: int = 3,
@@ -205,9 +212,7 @@ async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
     Raises ServerCallError only when the head server does not answer at the start.
     """
     limit = ConcurrencyLimit.of(concurrency)
-    http = dict(http_config or {})
-    http["connector_limit"] = max(int(http.get("connector_limit", 4096)), 2 * limit.value)
-    client = ServerClient(http, head_url or default_head_url({}))
+    client = collector_client(head_url or default_head_url({}), http_config, limit)
     try:
         agents = {s["name"] for s in await list_agents(client)}
         jobs = iter_rows(rows, Repeats(num_repeats), agent_name, responses_create_params)

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
-from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, list_agents
+from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, collector_client, list_agents
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.collect.report import backend_counts, model_servers, report, spread
 from nemo_gym_cli.collect.stats import Stats
@@ -100,9 +100,7 @@ class Collector:
             raise SetupError(f"+responses_create_params must be a mapping, e.g. '+responses_create_params={{temperature:0.7}}', got {self.params!r}")
         self.resume = bool(cfg.get("resume"))
         self.grace_s = float(cfg.get("shutdown_grace_s", 30))
-        http = dict(cfg.get("http_client") or {})
-        http["connector_limit"] = max(int(http.get("connector_limit", 4096)), 2 * self.limit.value)
-        self.client = ServerClient(http, head_url(cfg))
+        self.client = collector_client(head_url(cfg), cfg.get("http_client"), self.limit)
         self.stats = Stats(self.repeats.of)
         self.interrupted = False
         self.run_: RolloutRun | None = None

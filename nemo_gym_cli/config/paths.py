@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -32,3 +35,11 @@ def parse_url_list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [u.strip() for u in value.split(",") if u.strip()]
     return [str(u).strip() for u in value if str(u).strip()]
+
+
+@functools.cache
+def base_defaults() -> dict:
+    """conf/base.yaml as plain data: the one place for the defaults every command shares
+    (head_server, http_client), for code that runs without a composed config."""
+    with open(CONF_DIR / "base.yaml", "rb") as f:
+        return yaml.safe_load(f)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import difflib
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from nemo_gym_cli.config.paths import CONF_DIR, search_roots
+from nemo_gym_cli.config.paths import base_defaults, search_roots
 
 SERVER_TYPES = ("responses_api_models", "resources_servers", "responses_api_agents")
 RESTART_POLICIES = ("on-failure", "never")
@@ -155,16 +152,10 @@ def _check_scaling(config: dict, spec: ServerSpec, where: str, key: str) -> list
     return problems
 
 
-@functools.cache
-def _base_defaults() -> dict:
-    with open(CONF_DIR / "base.yaml", "rb") as f:
-        return yaml.safe_load(f)
-
-
 def head_address(config: dict) -> tuple[str, int]:
     """Where the head server of the graph listens: `head_server` of the config, else the default
     in conf/base.yaml (the one place for it)."""
-    head = config.get("head_server") or _base_defaults()["head_server"]
+    head = config.get("head_server") or base_defaults()["head_server"]
     return str(head["host"]), int(head["port"])
 
 

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
-from nemo_gym_cli.serving.http11 import (DEFAULT_MAX_RESPONSE_BYTES, IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
+from nemo_gym_cli.config.paths import base_defaults
+from nemo_gym_cli.config.typed import load_config
+from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
                                          NotSent, ProtocolError, check_header)
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
@@ -96,15 +99,36 @@ def error_message(data: Any, fallback: str) -> str:
     return fallback
 
 
-def make_http_session(http_config: dict | None = None, limit: int | None = None) -> aiohttp.ClientSession:
-    cfg = http_config or {}
+@dataclass(kw_only=True)
+class HttpClientConfig:
+    """`http_client` of the config. What each field does and its default: conf/base.yaml, the one
+    place for them (a caller's partial dict is laid over those defaults)."""
+
+    timeout_s: float
+    connect_timeout_s: float
+    max_retries: int
+    backoff_base_s: float
+    backoff_max_s: float
+    connector_limit: int
+    connector_limit_per_host: int
+    max_response_bytes: int
+    resolve_timeout_s: float
+
+    @classmethod
+    def of(cls, given: "HttpClientConfig | dict | None") -> "HttpClientConfig":
+        if isinstance(given, HttpClientConfig):
+            return given
+        return load_config(cls, {**base_defaults()["http_client"], **(given or {})}, "http_client")
+
+
+def make_http_session(cfg: HttpClientConfig, limit: int | None = None) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
-        limit=limit if limit is not None else int(cfg.get("connector_limit", 4096)),
-        limit_per_host=int(cfg.get("connector_limit_per_host", 0)),
+        limit=limit if limit is not None else cfg.connector_limit,
+        limit_per_host=cfg.connector_limit_per_host,
         ttl_dns_cache=300,
         enable_cleanup_closed=True,
     )
-    timeout = aiohttp.ClientTimeout(total=float(cfg.get("timeout_s", 3600)), sock_connect=float(cfg.get("connect_timeout_s", 10)))
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=cfg.connect_timeout_s)
     # orjson for bodies we send; responses are read as bytes and parsed with orjson too.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(), cookie_jar=aiohttp.DummyCookieJar())
 
@@ -116,22 +140,21 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
 
 class ServerClient:
     def __init__(self, http_config: dict | None = None, head_url: str | None = None, local_servers: dict[str, "BaseServer"] | None = None):
-        self.http_config = http_config or {}
+        self.http_config = cfg = HttpClientConfig.of(http_config)
         self.head_url = head_url.rstrip("/") if head_url else None
         self.local_servers: dict[str, BaseServer] = local_servers if local_servers is not None else {}
-        self.max_retries = int(self.http_config.get("max_retries", 3))
-        self.backoff_base = float(self.http_config.get("backoff_base_s", 0.25))
-        self.backoff_max = float(self.http_config.get("backoff_max_s", 8))
+        self.max_retries = cfg.max_retries
+        self.backoff_base = cfg.backoff_base_s
+        self.backoff_max = cfg.backoff_max_s
         self._session: aiohttp.ClientSession | None = None
-        self.timeout_s = float(self.http_config.get("timeout_s", 3600))
-        self.max_response_bytes = int(self.http_config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
+        self.timeout_s = cfg.timeout_s
+        self.max_response_bytes = cfg.max_response_bytes
         # JSON calls over http:// (our servers, vLLM) use the lean client; the rest aiohttp.
-        self.lean = LeanHTTP(connect_timeout=float(self.http_config.get("connect_timeout_s", 10)),
-                             per_host_limit=int(self.http_config.get("connector_limit_per_host", 0)
-                                                or self.http_config.get("connector_limit", 4096)),
+        self.lean = LeanHTTP(connect_timeout=cfg.connect_timeout_s,
+                             per_host_limit=cfg.connector_limit_per_host or cfg.connector_limit,
                              max_response_bytes=self.max_response_bytes)
         # How long a call by name waits for a replica to come back (ng_run restarts with up to 8 s backoff).
-        self.resolve_timeout_s = float(self.http_config.get("resolve_timeout_s", 30))
+        self.resolve_timeout_s = cfg.resolve_timeout_s
         self.resolver = Resolver(self.servers)
 
     @property
