@@ -9,25 +9,7 @@ import subprocess
 import pytest
 
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, run_cli, script, wait_until, weather_env
-
-AGENT = "+agent_name=simple_weather_simple_agent"
-
-
-def write_rows(path, n: int, extra: dict | None = None) -> None:
-    with open(path, "w") as f:
-        for i in range(n):
-            row = {"responses_create_params": {"input": [{"role": "user", "content": f"weather in city {i}?"}],
-                                               "tools": [{"type": "function", "name": "get_weather", "parameters": {
-                                                   "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]},
-                   "row_id": i, **(extra or {})}
-            f.write(json.dumps(row) + "\n")
-
-
-def read_lines(path) -> list[dict]:
-    raw = path.read_bytes()
-    assert raw == b"" or raw.endswith(b"\n"), "the output ends with a partial line"
-    return [json.loads(line) for line in raw.splitlines()]
-
+from nemo_gym_cli.testing.harness.scenarios import AGENT, collect, read_lines, write_rows
 
 @pytest.fixture
 def weather(standins, graph, mode):
@@ -35,10 +17,6 @@ def weather(standins, graph, mode):
         backends = standins(2, *flags)
         return graph([VLLM_MODEL, WEATHER], env=weather_env(backends), colocate=(mode == "colocated")), backends
     return start
-
-
-def collect(g, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return run_cli("ng_collect_rollouts", [AGENT, f"+head_server.port={g.head_port}", "+progress=false", *args], cwd=g.cwd, timeout=timeout)
 
 
 def test_every_row_becomes_one_line_with_indices_limit_and_repeats(weather, tmp_path):

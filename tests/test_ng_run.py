@@ -11,59 +11,20 @@ import http.cookiejar
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import time
 import urllib.request
-from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, free_port, http_json, run_cli, wait_until, weather_env
+from nemo_gym_cli.testing.harness.scenarios import (ENV, HF_TOKEN, SECRET, alive, by_name, server_processes, start_pair,
+                                                   user_folder, wait_for_exit)
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "graph"
-SECRET = "sk-ECHO-SECRET-9876543210"
-HF_TOKEN = "hf-ECHO-TOKEN-abcdef123456"  # set in pair.yaml
-ENV = {"echo_api_key": SECRET}
 SERVER_KEYS = {"name", "server_type", "impl", "replica", "url", "pid", "node", "state", "restarts"}
-
-
-def user_folder(tmp_path: Path) -> Path:
-    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
-    return tmp_path
-
-
-def start_pair(graph, tmp_path: Path, mode: str, args=(), config_paths=("pair.yaml",), **kwargs):
-    user_folder(tmp_path)
-    return graph(list(config_paths), env=ENV, args=list(args), colocate=mode == "colocated", **kwargs)
-
-
-def by_name(g) -> dict[str, dict]:
-    return {s["name"]: s for s in g.servers()}
-
-
-def server_processes(cwd: Path) -> list[psutil.Process]:
-    """Server processes started from this test's folder that are still alive."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if "nemo_gym_cli.graph.child" in " ".join(proc.info["cmdline"] or []) and Path(proc.cwd()) == cwd \
-                    and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def port_is_free(port: int) -> bool:
@@ -93,13 +54,6 @@ def raw_post(url: str, data: bytes, headers: dict | None = None) -> tuple[int, b
 def final_output(g) -> str:
     """ng_run's whole output, also after the `graph` fixture's stop() closed its log."""
     return g.log_path.read_text(errors="replace")
-
-
-def wait_for_exit(g, timeout: float = 30) -> int:
-    try:
-        return g.proc.wait(timeout)
-    except Exception:
-        raise AssertionError(f"ng_run did not exit within {timeout} s:\n{g.output()}") from None
 
 
 # ------------------------------------------------------------------ the graph comes up

@@ -17,9 +17,7 @@ import pytest
 import yaml
 
 from nemo_gym_cli.testing.harness import PROJECT_ROOT, VLLM_MODEL, WEATHER, http_json, run_cli, script, wait_until, weather_env
-from test_collect_rollouts import read_lines, write_rows
-from test_ng_run import SECRET, start_pair
-from test_restarts import relay
+from nemo_gym_cli.testing.harness.scenarios import SECRET, read_lines, relay, start_pair, write_rows
 
 pytestmark = pytest.mark.ray
 

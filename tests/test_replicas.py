@@ -13,9 +13,7 @@ import signal
 import socket
 
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, http_json, run_cli, wait_until, weather_env
-from test_collect_rollouts import collect, read_lines, write_rows
-from test_ng_run import ENV, start_pair, user_folder
-from test_restarts import relay
+from nemo_gym_cli.testing.harness.scenarios import ENV, collect, read_lines, relay, start_pair, user_folder, write_rows
 
 TWO_ECHOES = ["++echo.resources_servers.ng_test_echo.replicas=2"]
 

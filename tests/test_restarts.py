@@ -13,18 +13,14 @@ import subprocess
 
 import pytest
 
-from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, http_json, script, wait_until, weather_env
-from test_collect_rollouts import read_lines, write_rows
-from test_ng_run import alive, by_name, server_processes, start_pair, wait_for_exit
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, script, wait_until, weather_env
+from nemo_gym_cli.testing.harness.scenarios import (alive, by_name, read_lines, relay, server_processes, start_pair,
+                                                   wait_for_exit, write_rows)
 
 from nemo_gym_cli.config import CONF_DIR
 from nemo_gym_cli.graph.supervisor import RestartPolicy
 
 FAST = ["+restarts.backoff_s=0.1"]
-
-
-def relay(g, session: str) -> tuple[int, dict]:
-    return http_json(g.url("caller") + "/relay", {"q": session}, headers={"X-Session-ID": session}, timeout=60)
 
 
 def restarted(g, name: str, old_pid: int, count: int = 1) -> dict:

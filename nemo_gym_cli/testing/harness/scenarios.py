@@ -1,0 +1,88 @@
+"""Scenarios several test files share: the test pair graph (tests/fixtures/graph: `echo`, and
+`caller` whose /relay reaches `echo` by name), weather rows and a collection over them, and
+questions about the processes a graph left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import psutil
+
+from nemo_gym_cli.testing.harness.http_calls import http_json
+from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT, run_cli
+
+FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "graph"
+SECRET = "sk-ECHO-SECRET-9876543210"
+HF_TOKEN = "hf-ECHO-TOKEN-abcdef123456"  # set in pair.yaml
+ENV = {"echo_api_key": SECRET}
+
+
+def user_folder(tmp_path: Path) -> Path:
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def start_pair(graph, tmp_path: Path, mode: str, args=(), config_paths=("pair.yaml",), **kwargs):
+    user_folder(tmp_path)
+    return graph(list(config_paths), env=ENV, args=list(args), colocate=mode == "colocated", **kwargs)
+
+
+def by_name(g) -> dict[str, dict]:
+    return {s["name"]: s for s in g.servers()}
+
+
+def server_processes(cwd: Path) -> list[psutil.Process]:
+    """Server processes started from this test's folder that are still alive."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "nemo_gym_cli.graph.child" in " ".join(proc.info["cmdline"] or []) and Path(proc.cwd()) == cwd \
+                    and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for_exit(g, timeout: float = 30) -> int:
+    try:
+        return g.proc.wait(timeout)
+    except Exception:
+        raise AssertionError(f"ng_run did not exit within {timeout} s:\n{g.output()}") from None
+
+
+def relay(g, session: str) -> tuple[int, dict]:
+    return http_json(g.url("caller") + "/relay", {"q": session}, headers={"X-Session-ID": session}, timeout=60)
+
+
+AGENT = "+agent_name=simple_weather_simple_agent"
+
+
+def write_rows(path, n: int, extra: dict | None = None) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            row = {"responses_create_params": {"input": [{"role": "user", "content": f"weather in city {i}?"}],
+                                               "tools": [{"type": "function", "name": "get_weather", "parameters": {
+                                                   "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]},
+                   "row_id": i, **(extra or {})}
+            f.write(json.dumps(row) + "\n")
+
+
+def read_lines(path) -> list[dict]:
+    raw = path.read_bytes()
+    assert raw == b"" or raw.endswith(b"\n"), "the output ends with a partial line"
+    return [json.loads(line) for line in raw.splitlines()]
+
+
+def collect(g, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run_cli("ng_collect_rollouts", [AGENT, f"+head_server.port={g.head_port}", "+progress=false", *args], cwd=g.cwd, timeout=timeout)
