@@ -25,6 +25,7 @@ from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.config import Composed, ServerSpec, secret_values
 from nemo_gym_cli.graph.build import RunningServer, bind_address, build_server, serve
 from nemo_gym_cli.graph.head import HeadServer
+from nemo_gym_cli.graph.preflight import backends_table, preflight_models
 from nemo_gym_cli.serving.logs import ScrubbingStream, make_console, scrub
 
 console = make_console(stderr=True)
@@ -74,6 +75,7 @@ class Launcher:
         self.client: ServerClient | None = None
         self.stop_event = asyncio.Event()
         self.exit_code = 0
+        self.backend_reports: dict[str, dict] = {}
         self.tmpdir = tempfile.TemporaryDirectory(prefix="ng_run_")
 
     async def run(self) -> int:
@@ -97,6 +99,8 @@ class Launcher:
             else:
                 await self._start_processes()
             ready = await self._wait_ready(float(self.config.get("ready_timeout_s", 60)))
+            if ready and self.config.get("preflight", True) is not False:
+                ready = await self._preflight()
             if ready:
                 self._print_table(time.monotonic() - t0)
                 await self._watch()
@@ -195,6 +199,19 @@ class Launcher:
         finally:
             await probe.close()
 
+    async def _preflight(self) -> bool:
+        """Model adapters check their backends (+preflight=false skips it); an error stops ng_run (exit 2)."""
+        errors, warnings, self.backend_reports = await preflight_models(list(self.head.servers.values()))
+        for line in warnings:
+            console.print(f"ng_run: warning: {scrub(line, self.secrets)}", style="yellow", markup=False)
+        for line in errors:
+            console.print(f"ng_run: {scrub(line, self.secrets)}", style="red", markup=False)
+        if errors:
+            console.print("ng_run: preflight failed; fix the config or the servers (or skip the check with +preflight=false)",
+                          style="red", markup=False)
+            self.exit_code = 2
+        return not errors
+
     def _dead_child(self) -> Child | None:
         for child in self.children.values():
             if child.proc.returncode is not None:
@@ -233,6 +250,8 @@ class Launcher:
         for s in self.head.servers.values():
             table.add_row(s["name"], s["server_type"], s["impl"], s["url"], str(s["pid"]))
         console.print(table)
+        if self.backend_reports:
+            console.print(backends_table(self.backend_reports))
         sys.stderr.flush()
 
     # ------------------------------------------------------------ stop

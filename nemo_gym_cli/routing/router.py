@@ -185,6 +185,10 @@ class Router:
             backend.probe_task = asyncio.get_running_loop().create_task(
                 self._probe(backend), name=f"probe {backend.root_url}")
 
+    def mark_down(self, backend: Backend, reason: str) -> None:
+        """Take a backend out of rotation (preflight found it unreachable); the probe brings it back."""
+        self._mark_down(backend, BackendUnavailable(reason))
+
     def _mark_up(self, backend: Backend) -> None:
         if backend.healthy:
             return

@@ -327,6 +327,7 @@ class StandinConfig:
     context_length: int = 32768
     port_file: str | None = None
     access_log: bool = False
+    prefix_caching: bool = True  # as reported by vllm:cache_config_info
 
 
 class Standin:
@@ -428,6 +429,12 @@ class Standin:
             "# HELP vllm:prefix_cache_hits Prefix cache hits, in terms of number of cached tokens.",
             "# TYPE vllm:prefix_cache_hits counter",
             f"vllm:prefix_cache_hits_total{{{label}}} {float(self.cache.hits)}",
+            "# HELP vllm:num_preemptions Cumulative number of preemptions from the engine.",
+            "# TYPE vllm:num_preemptions counter",
+            f"vllm:num_preemptions_total{{{label}}} 0.0",
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+            "# TYPE vllm:cache_config_info gauge",
+            f'vllm:cache_config_info{{block_size="{BLOCK_SIZE}",enable_prefix_caching="{self.config.prefix_caching}"}} 1.0',
             "# HELP vllm:request_success Count of successfully processed requests.",
             "# TYPE vllm:request_success counter",
         ]
@@ -810,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=32768, help="max prompt tokens (else HTTP 400)")
     p.add_argument("--port-file", metavar="PATH", help="write the bound port here (useful with --port 0)")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="report prefix caching as off in vllm:cache_config_info (as vLLM's flag does)")
     return p
 
 
@@ -828,6 +837,7 @@ def config_from_args(argv: list[str] | None = None) -> StandinConfig:
         context_length=args.context_length,
         port_file=args.port_file,
         access_log=args.access_log,
+        prefix_caching=args.prefix_caching,
     )
 
 

@@ -12,6 +12,8 @@ from nemo_gym_cli.routing.model_server import UpstreamModel
 
 
 class OpenAIModel(UpstreamModel):
+    vllm_backends = False  # preflight checks reachability and the model only; no vLLM gauges
+
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:
         if not isinstance(body, dict):
