@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import orjson
 
+from nemo_gym_cli.collect.publish import ProgressPublisher
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 from nemo_gym_cli.config import Composed, resolve_path
 from nemo_gym_cli.serving.logs import make_console
@@ -225,7 +226,10 @@ class Collector:
         if self.limit is not None:
             total_rows = min(total_rows, self.limit)
         jobs = iter_jobs(self.input, self.limit, self.repeats, self.params, done, self.stats)
-        progress = self._progress(max(0, total_rows * self.repeats - len(done)))
+        self.total = max(0, total_rows * self.repeats - len(done))
+        progress = self._progress(self.total)
+        publisher = ProgressPublisher(self.client, self.client.head_url, self.agent, str(self.output), self.progress_numbers)
+        publisher.start()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -241,6 +245,7 @@ class Collector:
                 progress.close()
             os.close(self.out_fd)
             os.close(self.fail_fd)
+            await publisher.stop("interrupted" if self.interrupted else "finished")
         spread = self._spread(backends_before, await self._backend_counts(model_servers))
         self.report(spread)
         if self.interrupted:
@@ -311,6 +316,14 @@ class Collector:
             reward = self.stats.mean("reward")
             progress.set_postfix_str(f"reward={reward:.3f} failed={self.stats.failed}" if reward is not None
                                      else f"failed={self.stats.failed}", refresh=False)
+
+    def progress_numbers(self) -> dict[str, Any]:
+        """What the head server shows of this run (ng_status --watch)."""
+        s = self.stats
+        elapsed = time.monotonic() - s.started
+        return {"done": s.done, "failed": s.failed, "total": self.total, "concurrency": self.concurrency,
+                "rollouts_per_s": round(s.done / elapsed, 2) if elapsed > 0 else None,
+                "mean_reward": s.mean("reward"), "elapsed_s": round(elapsed, 1)}
 
     async def _model_servers(self) -> list[str]:
         try:
