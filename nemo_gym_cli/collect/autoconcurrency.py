@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+AUTO_START = 4  # "start low": the ramp doubles from here
+DEFAULT_MAXIMUM = 1024
 SAMPLE_INTERVAL_S = 0.25  # "at most a few times a second"
+READ_TIMEOUT_S = 2.0
 SMOOTHING = 0.5  # EWMA weight of the newest waiting sample: gauges are instantaneous and noisy
 QUEUE_LOW_PER_BACKEND = 0.5  # below this mean queue: room to raise
 QUEUE_HIGH_PER_BACKEND = 2.0  # above this: cut back to QUEUE_TARGET_PER_BACKEND
@@ -118,6 +121,15 @@ class AutoConcurrency:
             self.ramp_ended_at = self.clock()
 
     # ------------------------------------------------------------ the loop
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="concurrency=auto")
+
+    async def stop(self) -> None:
+        task = getattr(self, "_task", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def run(self) -> None:
         """Sample and adjust until cancelled."""
         while True:
@@ -161,3 +173,16 @@ class AutoConcurrency:
         return {"mode": "auto", "settled": self.settled(), "final": self.limit.value, "maximum": self.maximum,
                 "ramp_s": round(self.ramp_ended_at - self.started, 3) if self.ramp_ended_at is not None else None,
                 "signals": not self.no_signals, "trace": [list(p) for p in self.trace]}
+
+
+def adapters_reader(client, model_urls: list[str]) -> Callable[[], Awaitable[Signals | None]]:
+    """Read the gauges through every model adapter's `GET /backends` (in parallel, short timeout)."""
+    async def read() -> Signals | None:
+        async def view(url: str) -> dict:
+            try:
+                return await client.request_json("GET", f"{url}/backends", server="model adapter",
+                                                  timeout_s=READ_TIMEOUT_S, retries=0) or {}
+            except Exception:  # noqa: BLE001 - an adapter without /backends (or restarting) adds nothing
+                return {}
+        return Signals.from_views(list(await asyncio.gather(*(view(u) for u in model_urls)))) if model_urls else None
+    return read
