@@ -23,10 +23,10 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}/v1"
 
 
-def test_a_model_name_the_backend_does_not_serve_stops_ng_run_naming_what_it_serves(standins, tmp_path):
+def test_a_model_name_the_backend_does_not_serve_stops_ng_run_naming_what_it_serves(standins, tmp_path, mode):
     ok, wrong = standins(1), standins(1, "--model", "other-a")
     env = {**weather_env(ok + wrong)}
-    result = ng_run_fails(tmp_path, env)
+    result = ng_run_fails(tmp_path, env, args=["+colocate=true"] if mode == "colocated" else [])
     out = result.stdout + result.stderr
     assert result.returncode == 2, out
     assert f"{wrong[0].url} serves ['other-a']; the config asks for standin-model" in out
