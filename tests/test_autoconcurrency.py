@@ -144,3 +144,30 @@ def test_the_loop_samples_at_its_interval_and_survives_a_failed_read():
         asyncio.run(auto.run())
     assert [round(t - 1000, 2) for t in calls] == [0, 0.25, 0.5, 0.75, 1.0]
     assert limit.value == 32  # 3 good samples: 8, (failed: held), 16, 32
+
+
+# ------------------------------------------------------------------ in a real run
+
+
+def test_auto_converges_on_stand_ins_and_does_not_overshoot(standins, graph, tmp_path):
+    """3 stand-ins x --max-num-seqs 4 (capacity 12): the limit ramps, finds the queue and stays
+    near the knee, far below concurrency_max; the summary reports where it settled and the trace."""
+    import json
+
+    from conftest import VLLM_MODEL, WEATHER, run_cli, weather_env
+
+    g = graph([VLLM_MODEL, WEATHER], env=weather_env(standins(3, "--latency-ms", "50", "--max-num-seqs", "4")))
+    (tmp_path / "in.jsonl").write_text("".join(
+        json.dumps({"responses_create_params": {"input": f"weather in city {i}?"}}) + "\n" for i in range(400)))
+    done = run_cli("ng_collect_rollouts", ["+agent_name=simple_weather_simple_agent", f"+head_server.port={g.head_port}",
+                                           "+progress=false", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl",
+                                           "+concurrency=auto", "+concurrency_max=1024"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 400
+    metrics = json.loads((tmp_path / "out_metrics.json").read_text())
+    auto = metrics["concurrency_auto"]
+    limits = [v for _, v in auto["trace"]]
+    assert limits[0] == 4 and auto["maximum"] == 1024 and auto["signals"]
+    assert 12 <= max(limits) <= 64, limits  # it went past the capacity (found the queue), never ran off to the max
+    assert 10 <= auto["settled"] <= 40 and metrics["concurrency"] == auto["settled"], auto
+    assert "auto: settled at" in done.stderr + done.stdout

@@ -17,6 +17,8 @@ import yaml
 
 from conftest import BIN, PROJECT_ROOT, VLLM_MODEL, WEATHER, run_cli
 from nemo_gym_cli.config import ConfigError, compose
+from nemo_gym_cli.config.typed import load_config
+from nemo_gym_cli.graph.build import load_server_class
 
 JUDGE_MODEL = "responses_api_models/vllm_model/configs/vllm_judge_model.yaml"
 JUDGE_ENV = "resources_servers/equivalence_llm_judge/configs/equivalence_llm_judge.yaml"
@@ -175,23 +177,28 @@ def test_without_env_yaml_the_unset_url_is_explained(tmp_path):
     assert "vllm_model.yaml" in problem  # and the file it is in
 
 
+def typed_config_of(tmp_path: Path, *args: str, name: str = "policy_model"):
+    """The instance's config as its server reads it (the kind's dataclass)."""
+    spec = compose(list(args), command="ng_run", cwd=tmp_path).servers[name]
+    return load_config(load_server_class(spec).config_type, spec.config, spec.where)
+
+
 def test_comma_separated_urls_in_env_yaml_become_a_list(tmp_path):
     write_env(tmp_path, {**POLICY_ENV,
                          "policy_base_url": "http://vllm-1:8000/v1, http://vllm-2:8000/v1 ,http://vllm-3:8000/v1"})
-    model = config_of(tmp_path, f"+config_paths=[{VLLM_MODEL}]")["policy_model"]["responses_api_models"]["vllm_model"]
-    assert model["base_url"] == ["http://vllm-1:8000/v1", "http://vllm-2:8000/v1", "http://vllm-3:8000/v1"]
+    model = typed_config_of(tmp_path, f"+config_paths=[{VLLM_MODEL}]")
+    assert model.base_url == ["http://vllm-1:8000/v1", "http://vllm-2:8000/v1", "http://vllm-3:8000/v1"]
 
 
 def test_comma_separated_urls_on_the_command_line_are_one_value_not_a_sweep(tmp_path):
     args = [f"+config_paths=[{VLLM_MODEL}]", "+policy_base_url=http://a:8000/v1,http://b:8000/v1",
             "+policy_api_key=EMPTY", "+policy_model_name=m"]
-    model = config_of(tmp_path, *args)["policy_model"]["responses_api_models"]["vllm_model"]
-    assert model["base_url"] == ["http://a:8000/v1", "http://b:8000/v1"]
+    assert typed_config_of(tmp_path, *args).base_url == ["http://a:8000/v1", "http://b:8000/v1"]
 
     result = run_cli("ng_dump_config", args, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
-    dumped = yaml.safe_load(result.stdout)
-    assert dumped["policy_model"]["responses_api_models"]["vllm_model"]["base_url"] == ["http://a:8000/v1", "http://b:8000/v1"]
+    dumped = yaml.safe_load(result.stdout)  # the value as the user wrote it: one string
+    assert dumped["policy_model"]["responses_api_models"]["vllm_model"]["base_url"] == "http://a:8000/v1,http://b:8000/v1"
     assert "sweep" not in (result.stdout + result.stderr).lower()
 
 
@@ -210,10 +217,9 @@ def test_a_yaml_list_of_urls_works_as_in_the_guide(tmp_path):
               model: ${policy_model_name}
     """)
     write_env(tmp_path, {"policy_api_key": "EMPTY", "policy_model_name": "meta-llama/Llama-3.1-8B-Instruct"})
-    cfg = config_of(tmp_path, "+config_paths=[fleet.yaml]")
-    model = cfg["policy_model"]["responses_api_models"]["vllm_model"]
-    assert model["base_url"] == ["http://vllm-1:8000/v1", "http://vllm-2:8000/v1", "http://vllm-3:8000/v1"]
-    assert model["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    model = typed_config_of(tmp_path, "+config_paths=[fleet.yaml]")
+    assert model.base_url == ["http://vllm-1:8000/v1", "http://vllm-2:8000/v1", "http://vllm-3:8000/v1"]
+    assert model.model == "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def test_the_guides_weather_config_composes(tmp_path):

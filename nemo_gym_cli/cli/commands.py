@@ -45,7 +45,7 @@ def _args(command: str) -> list[str]:
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
         if command == "ng_collect_rollouts":
-            from nemo_gym_cli.collect.collector import HELP as collect_help
+            from nemo_gym_cli.collect.cli import HELP as collect_help
 
             print(collect_help)
         else:
@@ -69,9 +69,16 @@ def _main(command: str, body: Callable[[Composed], int], **compose_kwargs) -> No
 
 
 def ng_run() -> None:
+    from nemo_gym_cli.graph.build import config_problems
     from nemo_gym_cli.graph.launcher import run_graph
 
-    _main("ng_run", lambda c: run_async(run_graph(c)))
+    composed = _compose_or_exit("ng_run", _args("ng_run"))
+    problems = config_problems(composed.servers, composed.sources)  # every server's fields, before any starts
+    if problems:
+        err.print(f"ng_run: {ConfigError(problems).render()}", markup=False)
+        sys.exit(2)
+    setup_logging(secrets=secret_values(composed.config))
+    sys.exit(run_async(run_graph(composed)))
 
 
 def ng_dump_config() -> None:
@@ -90,6 +97,6 @@ def ng_status() -> None:
 
 
 def ng_collect_rollouts() -> None:
-    from nemo_gym_cli.collect.collector import collect
+    from nemo_gym_cli.collect.cli import collect
 
     _main("ng_collect_rollouts", lambda c: run_async(collect(c)), strict_cli=True, validate=False)

@@ -1,1 +1,1 @@
-"""ng_collect_rollouts: stream rows through agents and write each finished rollout."""
+"""Collecting rollouts: the in-process API (api.py) and ng_collect_rollouts on top of it (cli.py)."""

@@ -17,14 +17,14 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
-from nemo_gym_cli.config.paths import CONF_DIR, normalize_url_lists, resolve_path, search_roots
+from nemo_gym_cli.config.paths import CONF_DIR, resolve_path, search_roots
 from nemo_gym_cli.config.secrets import mask_secrets
 from nemo_gym_cli.config.specs import ServerSpec, server_specs, validate_servers
 
 MISSING = "???"
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """Every problem found in a config, reported at once."""
 
     def __init__(self, problems: list[str]):
@@ -244,7 +244,6 @@ def compose(
         sources[top] = "command line"
 
     resolved = _resolve_all(merged, sources, problems)
-    resolved = normalize_url_lists(resolved)
     composed = Composed(resolved, sources, cli_keys, env_path)
     if validate:  # every problem at once, even with earlier ones
         problems.extend(validate_servers(resolved, sources, cwd))

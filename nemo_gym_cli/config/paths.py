@@ -32,14 +32,3 @@ def parse_url_list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [u.strip() for u in value.split(",") if u.strip()]
     return [str(u).strip() for u in value if str(u).strip()]
-
-
-def normalize_url_lists(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {
-            k: (parse_url_list(v) if k == "base_url" and isinstance(v, str) and "," in v else normalize_url_lists(v))
-            for k, v in obj.items()
-        }
-    if isinstance(obj, list):
-        return [normalize_url_lists(v) for v in obj]
-    return obj

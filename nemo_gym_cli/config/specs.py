@@ -21,6 +21,11 @@ class ServerSpec:
     folder: Path | None = None  # resolved impl folder
 
     @property
+    def where(self) -> str:
+        """The instance's key path, as errors name it: `policy_model.responses_api_models.vllm_model`."""
+        return f"{self.name}.{self.server_type}.{self.impl}"
+
+    @property
     def module(self) -> str:
         return f"{self.server_type}.{self.impl}.{Path(self.config.get('entrypoint', 'app.py')).stem}"
 

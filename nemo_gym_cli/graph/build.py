@@ -10,6 +10,7 @@ from aiohttp import web
 
 from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.config import ServerSpec
+from nemo_gym_cli.config.typed import config_problems as typed_config_problems
 from nemo_gym_cli.serving.base import BaseServer
 
 
@@ -33,9 +34,23 @@ def load_server_class(spec: ServerSpec) -> type[BaseServer]:
     return classes[0]
 
 
+def config_problems(specs: dict[str, ServerSpec], sources: dict[str, str]) -> list[str]:
+    """Every instance's fields checked against its server kind's config dataclass, all at once."""
+    problems = []
+    for spec in specs.values():
+        where = sources.get(spec.name, "config")
+        try:
+            cls = load_server_class(spec)
+        except Exception as e:  # an import error in the user's app.py: name it, go on
+            problems.append(f"{where}: '{spec.where}': cannot load {spec.module}: {type(e).__name__}: {e}")
+            continue
+        problems += [f"{where}: {p}" for p in typed_config_problems(cls.config_type, spec.config, spec.where)]
+    return problems
+
+
 def build_server(spec: ServerSpec, global_config: dict, client: ServerClient) -> BaseServer:
     cls = load_server_class(spec)
-    server = cls(spec.name, spec.config, global_config=global_config, client=client)
+    server = cls(spec.name, spec.config, global_config=global_config, client=client, config_where=spec.where)
     server.server_type = spec.server_type
     return server
 

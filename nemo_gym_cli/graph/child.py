@@ -16,15 +16,10 @@ import sys
 import orjson
 
 from nemo_gym_cli.serving.client import ServerClient
-from nemo_gym_cli.config import secret_values, server_specs
+from nemo_gym_cli.config import head_url, secret_values, server_specs
 from nemo_gym_cli.graph.build import bind_address, build_server, serve
 from nemo_gym_cli.serving.logs import setup_logging
 from nemo_gym_cli.serving.runtime import run_async
-
-
-def head_url(config: dict) -> str:
-    head = config.get("head_server") or {}
-    return f"http://{head.get('host', '127.0.0.1')}:{head.get('port', 11000)}"
 
 
 async def main_async(config: dict, name: str) -> int:
@@ -34,7 +29,7 @@ async def main_async(config: dict, name: str) -> int:
     try:
         server = build_server(spec, config, client)
         running = await serve(server, host, port)
-    except (ValueError, TypeError, KeyError, OSError) as e:
+    except (ValueError, TypeError, KeyError, OSError) as e:  # ConfigError is a ValueError
         # A config mistake or a busy port: one clear line, not a traceback.
         print(f"server '{name}' ({spec.server_type}/{spec.impl}) cannot start: {type(e).__name__}: {e}", file=sys.stderr)
         await client.close()

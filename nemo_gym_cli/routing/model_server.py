@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from nemo_gym_cli.routing.backends_view import backends_report
-from nemo_gym_cli.routing.preflight import PREFLIGHT_TIMEOUT_S, preflight as check_backends
-from nemo_gym_cli.routing.upstream import Upstream
+from nemo_gym_cli.routing.preflight import preflight as check_backends
+from nemo_gym_cli.routing.upstream import Upstream, UpstreamConfig
 from nemo_gym_cli.serving.kinds import ResponsesAPIModel
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
@@ -18,9 +18,11 @@ class UpstreamModel(ResponsesAPIModel):
 
     vllm_backends: ClassVar[bool] = True  # False: no /metrics to read (OpenAI)
 
+    config_type = UpstreamConfig
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model = str(self.config_field("model", str))
+        self.model = self.config.model
         self.upstream = Upstream(self)
 
     async def on_shutdown(self) -> None:
@@ -42,8 +44,8 @@ class UpstreamModel(ResponsesAPIModel):
 
     @route("/preflight")
     async def preflight(self, body: Any, ctx: RequestContext) -> Any:
-        timeout_s = float(self.config.get("preflight_timeout_s", PREFLIGHT_TIMEOUT_S))
-        return await check_backends(self.upstream, self.model, vllm=self.vllm_backends, timeout_s=timeout_s)
+        return await check_backends(self.upstream, self.model, vllm=self.vllm_backends,
+                                    timeout_s=self.config.preflight_timeout_s)
 
     @route("/backends", "GET")
     async def backends(self, body: Any, ctx: RequestContext) -> Any:

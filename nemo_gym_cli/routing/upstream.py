@@ -8,13 +8,14 @@ refused/reset/timed-out connections and 502/503/504 fail over to another backend
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import aiohttp
 import orjson
 
 from nemo_gym_cli.serving.client import backoff_delay, error_message
-from nemo_gym_cli.config import parse_url_list
+from nemo_gym_cli.config.typed import ServerConfig, UrlList
 from nemo_gym_cli.routing import UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import GROUP_HEADER, SESSION_HEADER, HTTPError, RequestContext
@@ -31,30 +32,46 @@ class UpstreamError(Exception):
         self.status, self.message, self.backend = status, message, backend
 
 
+@dataclass(kw_only=True)
+class UpstreamConfig(ServerConfig):
+    """Where and how a model adapter calls its OpenAI-compatible upstream servers. Every default
+    of these fields is here, one line each."""
+
+    base_url: UrlList  # one URL, a comma-separated string of URLs, or a list: one backend each
+    model: str  # the model name the upstream serves (sent in every request)
+    api_key: str | None = None  # sent as a Bearer token unless empty or "EMPTY"
+    timeout_s: float = 600  # per upstream request
+    max_retries: int = 3  # 429/500 retried on the same backend; refused/reset/timeouts fail over
+    routing_policy: Literal["least_loaded", "round_robin", "hash"] = "least_loaded"  # new sessions; all sticky
+    group_affinity: bool = True  # the repeats of one prompt on one backend while load allows
+    group_affinity_slack: int = 4  # ...unless that backend has this many more in flight than the least loaded
+    session_ttl_s: float = 1800  # a session idle this long is forgotten
+    max_sessions: int = 100_000  # sessions remembered at most (least recently used go first)
+    probe_interval_s: float = 0.5  # a backend marked down is probed on /health this often
+    wait_for_backend_s: float = 30  # with every backend down, a request waits this long for one
+    preflight_timeout_s: float = 5  # ng_run's check of every backend (all in parallel) takes at most this long
+
+
 class Upstream:
-    """The fields of a model adapter's config that say where and how to call the model."""
+    """A model adapter's calls to its backends: one Router over the configured URLs."""
 
     def __init__(self, server: BaseServer):
-        cfg = server.config
+        cfg: UpstreamConfig = server.config
         self.server = server
-        urls = parse_url_list(cfg.get("base_url"))
-        if not urls:
-            raise ValueError(f"server '{server.name}': config field 'base_url' is empty (set policy_base_url / judge_base_url)")
-        api_key = cfg.get("api_key")
         self.headers = {"Content-Type": "application/json"}
-        if api_key and api_key != "EMPTY":
-            self.headers["Authorization"] = f"Bearer {api_key}"
-        self.timeout_s = float(cfg.get("timeout_s", 600))
-        self.max_retries = int(cfg.get("max_retries", 3))
+        if cfg.api_key and cfg.api_key != "EMPTY":
+            self.headers["Authorization"] = f"Bearer {cfg.api_key}"
+        self.timeout_s = cfg.timeout_s
+        self.max_retries = cfg.max_retries
         self.router = Router(
-            urls,
-            policy=str(cfg.get("routing_policy", "least_loaded")),
-            session_ttl_s=float(cfg.get("session_ttl_s", 1800)),
-            max_sessions=int(cfg.get("max_sessions", 100_000)),
-            group_affinity=bool(cfg.get("group_affinity", True)),
-            group_affinity_slack=int(cfg.get("group_affinity_slack", 4)),
-            probe_interval_s=float(cfg.get("probe_interval_s", 0.5)),
-            wait_for_backend_s=float(cfg.get("wait_for_backend_s", 30)),
+            cfg.base_url,
+            policy=cfg.routing_policy,
+            session_ttl_s=cfg.session_ttl_s,
+            max_sessions=cfg.max_sessions,
+            group_affinity=cfg.group_affinity,
+            group_affinity_slack=cfg.group_affinity_slack,
+            probe_interval_s=cfg.probe_interval_s,
+            wait_for_backend_s=cfg.wait_for_backend_s,
             http_session=lambda: server.client.http,
             registry=server.registry,
         )

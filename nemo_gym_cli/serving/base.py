@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from nemo_gym_cli.config.typed import ServerConfig, load_config
 from nemo_gym_cli.serving.protocol import JSON, SESSION_COOKIE, SESSION_HEADER, HTTPError, RequestContext, new_session_id
 
 disable_created_metrics()  # the *_created series are noise in every scrape
@@ -27,10 +28,12 @@ Handler = Callable[[Any, RequestContext], Awaitable[Any]]
 
 class BaseServer:
     server_type: ClassVar[str] = ""
+    config_type: ClassVar[type] = ServerConfig  # a kind with fields of its own names its dataclass here
 
-    def __init__(self, name: str, config: dict, *, global_config: dict | None = None, client: Any = None):
+    def __init__(self, name: str, config: dict, *, global_config: dict | None = None, client: Any = None,
+                 config_where: str | None = None):
         self.name = name
-        self.config = config
+        self.config = load_config(self.config_type, config, config_where or name)
         self.global_config = global_config or {}
         self.client = client
         self.log = logging.getLogger(f"nemo_gym.{name}")
@@ -57,17 +60,6 @@ class BaseServer:
 
     def metrics_text(self) -> bytes:
         return generate_latest(self.registry)
-
-    def config_field(self, key: str, kind: type | tuple[type, ...] = object, default: Any = ...) -> Any:
-        """A field of this server's config; a missing or mistyped one names the key."""
-        if key not in self.config or self.config[key] is None:
-            if default is ...:
-                raise ValueError(f"server '{self.name}': config field '{key}' is required")
-            return default
-        value = self.config[key]
-        if kind is not object and not isinstance(value, kind):
-            raise ValueError(f"server '{self.name}': config field '{key}' must be {kind}, got {value!r}")
-        return value
 
     # ------------------------------------------------------------ local dispatch
     async def dispatch(self, method: str, path: str, body: Any, session_id: str | None, headers: dict | None = None) -> Any:

@@ -32,6 +32,19 @@ class RequestContext:
         self.headers = headers or {}
 
 
+def content_text(content: Any) -> str:
+    """Text of an OpenAI message content: a string, or the "text" of each part of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part if isinstance(part, str) else part["text"]
+            for part in content
+            if isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text"), str))
+        )
+    return ""
+
+
 def new_session_id() -> str:
     return uuid.uuid4().hex
 

@@ -12,22 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import Any
 
+from nemo_gym_cli.config.typed import ServerConfig, ServerRef
 from nemo_gym_cli.serving.client import ServerCallError
 from nemo_gym_cli.config import resolve_path
-from nemo_gym_cli.serving import HTTPError, RequestContext, require, route
-from nemo_gym_cli.serving import SimpleResourcesServer
+from nemo_gym_cli.serving import HTTPError, RequestContext, SimpleResourcesServer, require, route
+from nemo_gym_cli.serving.protocol import content_text
 
 NO_ANSWER = "[NO VALID ANSWER EXTRACTED]"  # what the judge sees when the answer regex finds nothing
-
-
-def content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def last_message_text(items: Any, role: str) -> str:
@@ -56,26 +50,42 @@ def has_label(text: str, label: str, other: str) -> bool:
     return label in (text.replace(other, "") if label in other else text)
 
 
+@dataclass(kw_only=True)
+class EquivalenceLLMJudgeConfig(ServerConfig):
+    """Every field is listed, with its default and what it does, in configs/equivalence_llm_judge.yaml."""
+
+    judge_model_server: ServerRef
+    judge_responses_create_params: dict
+    judge_system_message: str | None
+    judge_prompt_template_fpath: str
+    judge_equal_label: str
+    judge_not_equal_label: str
+    check_twice_swap: bool
+    reward_if_swap_fails: float
+    question_extract_regex: str | None
+    response_extract_regex: str | None
+    judge_endpoint_max_concurrency: int | None
+
+
 class EquivalenceLLMJudgeResourcesServer(SimpleResourcesServer):
+    config_type = EquivalenceLLMJudgeConfig
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        field = self.config_field
-        ref = field("judge_model_server", dict)
-        if not ref.get("name"):
-            raise ValueError(f"server '{self.name}': config field 'judge_model_server' must be a ref {{type: ..., name: ...}}")
-        self.judge_server = str(ref["name"])
-        self.create_params = dict(field("judge_responses_create_params", dict, {}))
-        self.system_message = field("judge_system_message", str, None)
-        self.template = self._load_template(field("judge_prompt_template_fpath", str))
-        self.equal_label = field("judge_equal_label", str, "[[A=B]]")
-        self.not_equal_label = field("judge_not_equal_label", str, "[[A!=B]]")
+        cfg = self.config
+        self.judge_server = cfg.judge_model_server.name
+        self.create_params = dict(cfg.judge_responses_create_params)
+        self.system_message = cfg.judge_system_message
+        self.template = self._load_template(cfg.judge_prompt_template_fpath)
+        self.equal_label = cfg.judge_equal_label
+        self.not_equal_label = cfg.judge_not_equal_label
         if not self.equal_label or not self.not_equal_label or self.equal_label == self.not_equal_label:
             raise ValueError(f"server '{self.name}': judge_equal_label and judge_not_equal_label must be two different non-empty strings")
-        self.check_twice_swap = field("check_twice_swap", bool, False)
-        self.reward_if_swap_fails = float(field("reward_if_swap_fails", (int, float), 0.0))
-        self.question_regex = self._regex("question_extract_regex")
-        self.response_regex = self._regex("response_extract_regex")
-        limit = field("judge_endpoint_max_concurrency", int, None)
+        self.check_twice_swap = cfg.check_twice_swap
+        self.reward_if_swap_fails = cfg.reward_if_swap_fails
+        self.question_regex = self._regex("question_extract_regex", cfg.question_extract_regex)
+        self.response_regex = self._regex("response_extract_regex", cfg.response_extract_regex)
+        limit = cfg.judge_endpoint_max_concurrency
         self.judge_slots = asyncio.Semaphore(limit) if limit else contextlib.nullcontext()
 
     def _load_template(self, raw: str) -> str:
@@ -91,8 +101,7 @@ class EquivalenceLLMJudgeResourcesServer(SimpleResourcesServer):
                              "{question}, {expected_answer}, {generated_answer}; write other braces as {{ }})") from None
         return template
 
-    def _regex(self, key: str) -> re.Pattern | None:
-        raw = self.config_field(key, str, None)
+    def _regex(self, key: str, raw: str | None) -> re.Pattern | None:
         try:
             return re.compile(raw, re.DOTALL) if raw else None
         except re.error as e:

@@ -1,7 +1,6 @@
 """The weather environment: one tool, and every episode is rewarded (as in NeMo Gym)."""
 
-from nemo_gym_cli.serving import require, route
-from nemo_gym_cli.serving import SimpleResourcesServer
+from nemo_gym_cli.serving import SimpleResourcesServer, require, route
 
 
 class SimpleWeatherResourcesServer(SimpleResourcesServer):

@@ -8,23 +8,17 @@ model's session is released.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from nemo_gym_cli.config.typed import ServerConfig, ServerRef
 from nemo_gym_cli.serving.client import ServerCallError
 from nemo_gym_cli.serving import GROUP_HEADER, HTTPError, RequestContext, new_session_id, require, route
 from nemo_gym_cli.serving import ResponsesAPIAgent
 
-HARD_STEP_CAP = 100  # an episode that never ends (e.g. reasoning forever) stops here
 RELEASE_BATCH_S = 0.1  # finished sessions are released in batches: one call, not one per rollout
-
-
-def _ref_name(config: dict, key: str, server_name: str) -> str:
-    ref = config.get(key)
-    if not isinstance(ref, dict) or not ref.get("name"):
-        raise ValueError(f"server '{server_name}': config field '{key}' must be a ref {{type: ..., name: ...}}")
-    return str(ref["name"])
 
 
 def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
@@ -50,17 +44,28 @@ def _has_answer(output: list[dict]) -> bool:
     return False
 
 
+@dataclass(kw_only=True)
+class SimpleAgentConfig(ServerConfig):
+    model_server: ServerRef  # the policy model
+    resources_server: ServerRef  # the environment: its tools, /seed_session and /verify
+    max_steps: int | None = None  # model turns per episode; null = until the model answers
+    hard_step_cap: int = 100  # an episode that never ends (e.g. reasoning forever) stops here
+    # After a turn with tool calls, send tool_choice "auto" instead of a forced one, so that
+    # "call a tool first" does not become "call tools forever" (as the OpenAI Agents SDK does).
+    reset_tool_choice: bool = False
+
+
 class SimpleAgent(ResponsesAPIAgent):
+    config_type = SimpleAgentConfig
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model_server = _ref_name(self.config, "model_server", self.name)
-        self.resources_server = _ref_name(self.config, "resources_server", self.name)
-        max_steps = self.config.get("max_steps")
-        self.max_steps = int(max_steps) if max_steps else None
-        self.step_cap = min(self.max_steps or HARD_STEP_CAP, int(self.config.get("hard_step_cap", HARD_STEP_CAP)))
-        # After a turn with tool calls, send tool_choice "auto" instead of a forced one, so that
-        # "call a tool first" does not become "call tools forever" (as the OpenAI Agents SDK does).
-        self.reset_tool_choice = bool(self.config.get("reset_tool_choice", False))
+        cfg = self.config
+        self.model_server = cfg.model_server.name
+        self.resources_server = cfg.resources_server.name
+        self.max_steps = cfg.max_steps or None
+        self.step_cap = min(self.max_steps or cfg.hard_step_cap, cfg.hard_step_cap)
+        self.reset_tool_choice = cfg.reset_tool_choice
         self._to_release: list[str] = []
         self._release_task: asyncio.Task | None = None
 

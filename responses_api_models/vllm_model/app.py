@@ -6,10 +6,12 @@ least loaded healthy server; a dying server's sessions move and their request is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from nemo_gym_cli.serving import HTTPError, RequestContext, route
 from nemo_gym_cli.routing.model_server import UpstreamModel
+from nemo_gym_cli.routing.upstream import UpstreamConfig
 from responses_api_models.vllm_model.conversion import (
     chat_to_response,
     incomplete_response,
@@ -18,14 +20,28 @@ from responses_api_models.vllm_model.conversion import (
 )
 
 
+@dataclass(kw_only=True)
+class VLLMModelConfig(UpstreamConfig):
+    """NeMo Gym's vllm_model fields, beside the routing fields of UpstreamConfig."""
+
+    return_token_id_information: bool = False  # prompt/generation token ids and logprobs on every turn (RL training)
+    uses_reasoning_parser: bool = True  # vLLM runs a reasoning parser: its reasoning becomes reasoning items
+    replace_developer_role_with_system: bool = False  # for chat templates without a developer role
+    chat_template_kwargs: dict | None = None  # passed to vLLM's chat template (e.g. enable_thinking)
+    extra_body: dict | None = None  # merged into every Chat Completions request
+
+
 class VLLMModel(UpstreamModel):
+    config_type = VLLMModelConfig
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.return_token_id_information = bool(self.config.get("return_token_id_information", False))
-        self.uses_reasoning_parser = bool(self.config.get("uses_reasoning_parser", True))
-        self.replace_developer_role_with_system = bool(self.config.get("replace_developer_role_with_system", False))
-        self.chat_template_kwargs = self.config.get("chat_template_kwargs") or None
-        self.extra_body = self.config.get("extra_body") or None
+        cfg = self.config
+        self.return_token_id_information = cfg.return_token_id_information
+        self.uses_reasoning_parser = cfg.uses_reasoning_parser
+        self.replace_developer_role_with_system = cfg.replace_developer_role_with_system
+        self.chat_template_kwargs = cfg.chat_template_kwargs or None
+        self.extra_body = cfg.extra_body or None
 
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:

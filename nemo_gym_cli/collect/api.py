@@ -1,0 +1,217 @@
+"""The in-process collection API; `ng_collect_rollouts` and `ng_reverify` are built on it.
+
+    from nemo_gym_cli import collect_rollouts
+    async for result in collect_rollouts(rows, head_url="http://127.0.0.1:11000", concurrency=64):
+        ...  # one finished rollout: the agent's /verify answer + _ng_task_index, _ng_rollout_index, agent_ref
+
+At most `concurrency` rollouts are in flight, and a finished one holds its slot until the
+consumer takes it, so a slow consumer slows the run instead of filling memory. A rollout that
+fails for a transport or server reason (connection refused or reset, timeout, 5xx, 408, 429)
+is run again after a short backoff, up to `max_attempts` attempts in all; one the row itself
+causes (other 4xx: a bad row, an unknown agent) is not. A failed rollout is yielded with an
+`error` field (and `status`, `attempts`, `reasons`), never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+
+from nemo_gym_cli.collect.jobs import AGENT_TYPE, Job, Repeats, agent_ref, iter_rows
+from nemo_gym_cli.collect.limit import ConcurrencyLimit
+from nemo_gym_cli.config import head_url as default_head_url
+from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+
+RETRY_BACKOFF_S = 0.5  # first retry after up to this long (full jitter), doubling, capped at 8 s
+
+
+def retryable(status: int | None) -> bool:
+    """Worth another attempt: no answer at all, a server error, or "try again later"."""
+    return status is None or status >= 500 or status in (408, 429)
+
+
+@dataclass
+class Outcome:
+    job: Job
+    result: dict | None = None  # the agent's answer (success)
+    error: str | None = None
+    status: int | None = None
+    attempts: int = 0
+    reasons: list[str] = field(default_factory=list)
+    latency: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def failure_record(self) -> dict:
+        job = self.job
+        return {"_ng_task_index": job.task, "_ng_rollout_index": job.rollout, "agent_ref": agent_ref(job.agent),
+                "line": job.line, "status": self.status, "error": self.error, "reason": self.error,
+                "attempts": self.attempts, "reasons": self.reasons}
+
+    def as_dict(self) -> dict:
+        """What the API yields: the result (as the CLI writes it), or the failure record."""
+        return self.result if self.ok else self.failure_record()
+
+
+class RolloutRun:
+    """Runs jobs with bounded, changeable concurrency and per-rollout retries; iterate for outcomes.
+
+    `call(job, client)` does one attempt of a job (default: POST the row to its agent's /run).
+    stop(): start nothing new, let in-flight rollouts finish. cancel(): end in-flight ones now
+    (they are not yielded: they never finished).
+    """
+
+    def __init__(self, jobs: Iterator[Job], client: ServerClient, concurrency: "int | ConcurrencyLimit",
+                 max_attempts: int = 3, agents: set[str] | None = None, call: Callable | None = None,
+                 backoff_s: float = RETRY_BACKOFF_S):
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
+        self.jobs = jobs
+        self.client = client
+        self.limit = ConcurrencyLimit.of(concurrency)
+        self.max_attempts = max_attempts
+        self.agents = agents  # None: not checked here
+        self.call = call or run_agent
+        self.backoff_s = backoff_s
+        self.retries = 0  # attempts after the first, over all rollouts
+        self.stopping = False
+        self._pending: set[asyncio.Task] = set()
+        self._ready: deque[Outcome] = deque()
+        self._wake: asyncio.Future | None = None
+        self._exhausted = False
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._poke()
+
+    def cancel(self) -> None:
+        self.stopping = True
+        for task in self._pending:
+            task.cancel()
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def in_flight(self) -> int:
+        """Rollouts running or finished but not yet taken by the consumer."""
+        return len(self._pending) + len(self._ready)
+
+    async def __aiter__(self) -> AsyncIterator[Outcome]:
+        pending, ready = self._pending, self._ready
+        try:
+            while True:
+                self._fill()
+                if ready:
+                    outcome = ready.popleft()
+                    self._fill()  # its slot is free as it is handed over: start the next one now
+                    yield outcome
+                    continue
+                if not pending and (self._exhausted or self.stopping):
+                    return
+                self._wake = asyncio.get_running_loop().create_future()
+                await asyncio.wait([self._wake, self.limit.changed()], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in list(pending):
+                task.cancel()
+
+    def _fill(self) -> None:
+        """Start jobs while in flight (running + finished, not yet taken) is under the limit."""
+        pending, ready = self._pending, self._ready
+        while not self.stopping and not self._exhausted and len(pending) + len(ready) < self.limit.value:
+            job = next(self.jobs, None)
+            if job is None:
+                self._exhausted = True
+            elif (early := self._refuse(job)) is not None:
+                ready.append(early)  # known bad: no request
+            else:
+                task = asyncio.ensure_future(self._run(job))
+                pending.add(task)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._pending.discard(task)
+        if not task.cancelled():
+            self._ready.append(task.result())
+        self._poke()
+
+    def _refuse(self, job: Job) -> Outcome | None:
+        if job.exhausted:
+            return Outcome(job, error=job.error, status=job.status, attempts=job.prior_attempts, reasons=job.prior_reasons)
+        if job.error is not None:
+            return Outcome(job, error=job.error, status=job.status, attempts=job.prior_attempts + 1,
+                           reasons=[*job.prior_reasons, job.error])
+        if self.agents is not None and job.agent not in self.agents:
+            error = f"no agent named '{job.agent}' in the graph (agents: {', '.join(sorted(self.agents)) or 'none'})"
+            return Outcome(job, error=error, status=404, attempts=job.prior_attempts + 1, reasons=[*job.prior_reasons, error])
+        return None
+
+    async def _run(self, job: Job) -> Outcome:
+        t0 = time.perf_counter()
+        attempts, reasons = job.prior_attempts, list(job.prior_reasons)
+        while True:
+            attempts += 1
+            try:
+                result = await self.call(job, self.client)
+                return Outcome(job, result=result, attempts=attempts, reasons=reasons, latency=time.perf_counter() - t0)
+            except ServerCallError as e:
+                status, message = e.status, e.message
+            except Exception as e:  # a bug, not a transport problem: fail this rollout, keep the run
+                message = f"{type(e).__name__}: {e}"
+                return Outcome(job, error=message, attempts=attempts, reasons=[*reasons, message], latency=time.perf_counter() - t0)
+            reasons.append(f"attempt {attempts}: {f'HTTP {status}' if status else 'no answer'}: {message}")
+            if not retryable(status) or attempts >= self.max_attempts or self.stopping:
+                return Outcome(job, error=message, status=status, attempts=attempts, reasons=reasons,
+                               latency=time.perf_counter() - t0)
+            self.retries += 1
+            await asyncio.sleep(random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (attempts - job.prior_attempts - 1)))
+
+
+async def run_agent(job: Job, client: ServerClient) -> dict:
+    """One attempt of a rollout: the row to its agent's /run; the answer as written to the output."""
+    body = {**job.row, "_ng_task_index": job.task, "_ng_rollout_index": job.rollout}
+    # Retries are per rollout (RolloutRun), not per request: no status is retried here.
+    result = await client.post(job.agent, "/run", body, retry_statuses=frozenset())
+    if not isinstance(result, dict):
+        raise ServerCallError(job.agent, "/run", f"/run returned {type(result).__name__}, expected a JSON object", 502)
+    result["_ng_task_index"] = job.task
+    result["_ng_rollout_index"] = job.rollout
+    result["agent_ref"] = {"type": AGENT_TYPE, "name": job.agent}
+    return result
+
+
+async def list_agents(client: ServerClient) -> list[dict]:
+    """The agents the head server knows (raises ServerCallError when it does not answer)."""
+    servers = await client.request_json("GET", f"{client.head_url}/servers", server="head server", timeout_s=5, retries=1)
+    return [s for s in servers if s.get("server_type") == "responses_api_agents"]
+
+
+async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
+                           concurrency: "int | ConcurrencyLimit" = 100, num_repeats: "int | dict[str, int]" = 1,
+                           agent_name: str | None = None, max_attempts: int = 3,
+                           responses_create_params: dict | None = None,
+                           http_config: dict | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Yield one dict per finished rollout (see the module doc). `rows` is read lazily.
+
+    head_url: the ng_run head server (default http://127.0.0.1:11000). num_repeats: an int or
+    `{"_default": 1, "my_agent": 8}`. agent_name: the agent of rows without `agent_ref`.
+    Raises ServerCallError only when the head server does not answer at the start.
+    """
+    limit = ConcurrencyLimit.of(concurrency)
+    http = dict(http_config or {})
+    http["connector_limit"] = max(int(http.get("connector_limit", 4096)), 2 * limit.value)
+    client = ServerClient(http, head_url or default_head_url({}))
+    try:
+        agents = {s["name"] for s in await list_agents(client)}
+        jobs = iter_rows(rows, Repeats(num_repeats), agent_name, responses_create_params)
+        run = RolloutRun(jobs, client, limit, max_attempts=max_attempts, agents=agents)
+        async for outcome in run:
+            yield outcome.as_dict()
+    finally:
+        await client.close()

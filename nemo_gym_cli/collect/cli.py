@@ -1,0 +1,273 @@
+"""ng_collect_rollouts: stream dataset rows through their agents' /run and write each result at once.
+
+Built on the in-process API (collect/api.py): this module adds the file input, the output
+files, resume, signals, the progress bar and the summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import orjson
+
+from nemo_gym_cli.collect import jobs as J
+from nemo_gym_cli.collect.api import Outcome, RolloutRun, list_agents
+from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
+from nemo_gym_cli.collect.limit import ConcurrencyLimit
+from nemo_gym_cli.collect.publish import ProgressPublisher
+from nemo_gym_cli.collect.report import backend_counts, model_servers, report, spread
+from nemo_gym_cli.collect.stats import Stats
+from nemo_gym_cli.config import Composed, head_url, resolve_path
+from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.logs import make_console
+
+HELP = """usage: ng_collect_rollouts +input_jsonl_fpath=IN.jsonl +output_jsonl_fpath=OUT.jsonl [+agent_name=NAME]
+                           [+limit=N] [+num_repeats=N] [+concurrency=N] [+max_attempts=3] [+resume=true]
+                           [+responses_create_params={temperature:0.7,max_output_tokens:512}]
+
+Send each row of IN.jsonl (repeated num_repeats times, repeats adjacent) to its agent's /run on
+the running ng_run graph, with exactly `concurrency` rollouts in flight (alias
++num_samples_in_parallel). A row names its agent with agent_ref: {type: responses_api_agents,
+name: ...}; +agent_name is the agent of rows without one (needed only then). Each finished
+rollout is written at once to OUT.jsonl as one line: the verify response plus
+_ng_task_index (input row), _ng_rollout_index (repeat) and agent_ref.
+
+  +limit=N                  only the first N input rows
+  +num_repeats=N            or per agent: +num_repeats={_default:1,math_verify_simple_agent:8}
+  +max_attempts=3           a rollout that fails for a transport or server reason (refused, reset,
+                            timeout, 5xx) is run again after a short backoff, up to N attempts in
+                            all; a 4xx (bad row, unknown agent) is not retried
+  +responses_create_params  merged into every row's responses_create_params (these win)
+  +resume=true              skip the (task, rollout) pairs already in OUT.jsonl and retry failed
+                            ones that have attempts left; without it an existing OUT.jsonl is an
+                            error (never appended to, never deleted)
+  +head_server.port=...     where ng_run's head server is (same config as ng_run)
+
+Failures never stop the run: a rollout that fails, a row naming an agent the graph does not
+have, and an input line that is not JSON or has no responses_create_params (named by file and
+line number), go to OUT_failures.jsonl with the attempts made and each reason. Exit code: 0 if
+every rollout succeeded, 1 if some failed, 2 for a setup error (bad flag, missing file, no
+ng_run, unknown +agent_name), 130 if interrupted.
+Ctrl-C / SIGTERM: stop taking rows, let in-flight rollouts finish (+shutdown_grace_s=30),
+write the summary; a second Ctrl-C stops at once. The summary (totals, then one row per agent
+with pass@k) also goes to OUT_metrics.json.
+"""
+
+
+class SetupError(Exception):
+    """Wrong flags or setup, found before any rollout starts."""
+
+
+def positive_int(config: dict, key: str, allow_zero: bool = False) -> int:
+    value = config.get(key)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise SetupError(f"+{key} must be an integer, got {value!r}") from None
+    if number < (0 if allow_zero else 1) or number != value or isinstance(value, bool):
+        raise SetupError(f"+{key} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+    return number
+
+
+class Collector:
+    command = "ng_collect_rollouts"
+
+    def __init__(self, composed: Composed):
+        self.config = cfg = composed.config
+        self.console = make_console(stderr=True)
+        self.agent = str(cfg["agent_name"]) if cfg.get("agent_name") else None
+        found = resolve_path(str(cfg["input_jsonl_fpath"]))
+        if found is None or not found.is_file():
+            raise SetupError(f"+input_jsonl_fpath: file '{cfg['input_jsonl_fpath']}' not found "
+                             f"(looked in the current directory, then the project root)")
+        self.input = found
+        self.output = Path(str(cfg["output_jsonl_fpath"])).expanduser().absolute()
+        self.failures_path, self.metrics_path = J.out_paths(self.output)
+        key = "num_samples_in_parallel" if cfg.get("num_samples_in_parallel") else "concurrency"
+        self.auto_max = None  # +concurrency=auto: a controller moves the limit (autoconcurrency.py)
+        if cfg.get(key) == "auto":
+            self.auto_max = positive_int(cfg, "concurrency_max") if cfg.get("concurrency_max") is not None else DEFAULT_MAXIMUM
+        self.limit = ConcurrencyLimit(min(AUTO_START, self.auto_max) if self.auto_max else positive_int(cfg, key))
+        self.auto: AutoConcurrency | None = None
+        try:
+            self.repeats = J.Repeats(cfg.get("num_repeats", 1))
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        self.max_attempts = positive_int(cfg, "max_attempts") if cfg.get("max_attempts") is not None else 3
+        self.rows_limit = None if cfg.get("limit") is None else positive_int(cfg, "limit", allow_zero=True)
+        self.params = cfg.get("responses_create_params") or {}
+        if not isinstance(self.params, dict):
+            raise SetupError(f"+responses_create_params must be a mapping, e.g. '+responses_create_params={{temperature:0.7}}', got {self.params!r}")
+        self.resume = bool(cfg.get("resume"))
+        self.grace_s = float(cfg.get("shutdown_grace_s", 30))
+        http = dict(cfg.get("http_client") or {})
+        http["connector_limit"] = max(int(http.get("connector_limit", 4096)), 2 * (self.auto_max or self.limit.value))
+        self.client = ServerClient(http, head_url(cfg))
+        self.stats = Stats(self.repeats.of)
+        self.interrupted = False
+        self.run_: RolloutRun | None = None
+
+    # ------------------------------------------------------------ setup checks
+    async def check_agents(self) -> set[str]:
+        try:
+            agents = await list_agents(self.client)
+        except ServerCallError as e:
+            raise SetupError(f"no ng_run head server at {self.client.head_url} ({e.message}). Start the servers first: "
+                             f"ng_run \"+config_paths=[...]\" (or point at them with +head_server.host=... +head_server.port=...)") from None
+        names = {s["name"] for s in agents}
+        if self.agent is not None and self.agent not in names:
+            raise SetupError(f"+agent_name={self.agent}: no such agent on {self.client.head_url} "
+                             f"(agents: {', '.join(sorted(names)) or 'none'})")
+        return names
+
+    async def pass_thresholds(self, agents: set[str]) -> dict[str, float]:
+        """Each agent's `pass_threshold` from the graph's config (default 1.0)."""
+        try:
+            config = await self.client.request_json("GET", f"{self.client.head_url}/config", server="head server", timeout_s=5, retries=1)
+        except ServerCallError:
+            return {}
+        thresholds = {}
+        for name in agents:
+            impls = ((config or {}).get(name) or {}).get("responses_api_agents") or {}
+            for impl in impls.values():
+                if isinstance(impl, dict) and isinstance(impl.get("pass_threshold"), (int, float)):
+                    thresholds[name] = float(impl["pass_threshold"])
+        return thresholds
+
+    def open_outputs(self) -> tuple[set[tuple[int, int]], dict]:
+        if self.output.exists() and not self.resume:
+            raise SetupError(f"output {self.output} already exists: use +resume=true to complete it, "
+                             f"or choose another +output_jsonl_fpath")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        done, failed = set(), {}
+        if self.resume:
+            def earlier(row: dict) -> None:  # rollouts of earlier runs count in pass@k
+                agent, _ = J.agent_of(row, self.agent)
+                self.stats.add_earlier(agent, int(row["_ng_task_index"]), row)
+            done = J.read_done(self.output, on_row=earlier)
+            failed = J.read_failed(self.failures_path)  # read before the file is started anew
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        self.out_fd = os.open(self.output, flags, 0o644)
+        self.fail_fd = os.open(self.failures_path, flags | os.O_TRUNC, 0o644)
+        return done, failed
+
+    def jobs(self, done: set, failed: dict, skipped: list[int]):
+        jobs = J.iter_file(self.input, self.rows_limit, self.repeats, self.agent, self.params)
+        return J.for_resume(jobs, done, failed, self.max_attempts, skipped)
+
+    def total(self, done: set) -> int | None:
+        if self.repeats.per_agent:
+            return None  # the repeats depend on each row's agent
+        rows = J.count_lines(self.input)
+        if self.rows_limit is not None:
+            rows = min(rows, self.rows_limit)
+        return max(0, rows * self.repeats.default - len(done))
+
+    # ------------------------------------------------------------ the run
+    async def run(self) -> int:
+        agents = await self.check_agents()
+        self.stats.thresholds = await self.pass_thresholds(agents)
+        models = await model_servers(self.client)
+        backends_before = await backend_counts(self.client, models)
+        done, failed = self.open_outputs()
+        skipped = [0]
+        self.run_ = run = RolloutRun(self.jobs(done, failed, skipped), self.client, self.limit,
+                                     max_attempts=self.max_attempts, agents=agents,
+                                     backoff_s=float(self.config.get("retry_backoff_s", 0.5)))
+        self.total_rollouts = self.total(done)
+        progress = self._progress(self.total_rollouts)
+        if self.auto_max:
+            self.auto = AutoConcurrency(self.limit, adapters_reader(self.client, models), run.in_flight, maximum=self.auto_max)
+            self.auto.start()
+        publisher = ProgressPublisher(self.client, self.client.head_url, self.agent or "(per row)", str(self.output),
+                                      self.progress_numbers)
+        publisher.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        try:
+            async for outcome in run:
+                self._write(outcome)
+                if progress is not None:
+                    self._tick(progress)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            if progress is not None:
+                progress.close()
+            os.close(self.out_fd)
+            os.close(self.fail_fd)
+            if self.auto is not None:
+                await self.auto.stop()
+            await publisher.stop("interrupted" if self.interrupted else "finished")
+        self.stats.skipped = skipped[0]
+        per_backend = spread(backends_before, await backend_counts(self.client, models))
+        report(self, per_backend)
+        if self.interrupted:
+            return 130
+        return 1 if self.stats.failed else 0
+
+    def _write(self, outcome: Outcome) -> None:
+        job = outcome.job
+        if outcome.ok:
+            os.write(self.out_fd, orjson.dumps(outcome.result) + b"\n")  # one whole line, one write
+            self.stats.add_result(job.agent, job.task, outcome.result, outcome.latency)
+            return
+        self.stats.add_failure(job.agent)
+        os.write(self.fail_fd, orjson.dumps(outcome.failure_record()) + b"\n")
+        if job.line is not None and job.status == 400 and not job.exhausted and job.rollout == 0:
+            self.console.print(f"skipped: {outcome.error}", style="yellow", markup=False)
+
+    def _on_signal(self) -> None:
+        run = self.run_
+        if self.interrupted:
+            self.console.print("[red]second interrupt: cancelling in-flight rollouts[/red]")
+            run.cancel()
+            return
+        self.interrupted = True
+        run.stop()
+        self.console.print(f"[yellow]interrupted: taking no new rows; waiting up to {self.grace_s:.0f} s for in-flight "
+                           f"rollouts (Ctrl-C again to stop now). Complete the run later with +resume=true.[/yellow]")
+        asyncio.get_running_loop().call_later(self.grace_s, run.cancel)
+
+    # ------------------------------------------------------------ progress
+    def progress_numbers(self) -> dict:
+        """What the head server shows of this run (ng_status --watch)."""
+        elapsed = time.monotonic() - self.stats.started
+        done = self.stats.done
+        return {"done": done, "failed": self.stats.failed, "total": self.total_rollouts, "concurrency": self.limit.value,
+                "in_flight": self.run_.in_flight() if self.run_ else 0, "elapsed_s": round(elapsed, 1),
+                "rollouts_per_s": round(done / elapsed, 2) if elapsed > 0 else None, "mean_reward": self.stats.mean("reward")}
+
+    def _progress(self, total: int | None):
+        if not self.config.get("progress", True):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="rollout", dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
+
+    def _tick(self, progress) -> None:
+        progress.update(1)
+        # Postfix formatting costs more than the update itself: only when tqdm will redraw.
+        if progress.n % max(1, self.limit.value // 4) == 0:
+            reward = self.stats.mean("reward")
+            retries = self.run_.retries if self.run_ else 0
+            progress.set_postfix_str((f"reward={reward:.3f} " if reward is not None else "")
+                                     + f"failed={self.stats.failed} retries={retries}", refresh=False)
+
+
+async def collect(composed: Composed) -> int:
+    collector = None
+    try:
+        collector = Collector(composed)
+        return await collector.run()
+    except SetupError as e:
+        make_console(stderr=True).print(f"ng_collect_rollouts: {e}", markup=False)
+        return 2
+    finally:
+        if collector is not None:
+            await collector.client.close()

@@ -1,0 +1,107 @@
+"""The end of a collection: `<stem>_metrics.json` and the summary table (totals, then one row
+per agent), plus the requests each model backend served during the run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+
+
+async def model_servers(client: ServerClient) -> list[str]:
+    try:
+        servers = await client.servers()
+    except ServerCallError:
+        return []
+    return [s["url"] for s in servers if s.get("server_type") == "responses_api_models" and s.get("url")]
+
+
+async def backend_counts(client: ServerClient, urls: list[str]) -> dict[str, float]:
+    """Requests per model backend, from the adapters' /metrics (for the spread table)."""
+    counts: dict[str, float] = {}
+    for url in urls:
+        try:
+            status, raw = await client.raw_request("GET", f"{url}/metrics", None, None, 5)
+            text = raw.decode()
+        except Exception:
+            continue
+        for line in text.splitlines():
+            if line.startswith("ng_model_backend_requests_total{") and 'outcome="ok"' in line:
+                backend = line.split('backend="', 1)[1].split('"', 1)[0]
+                counts[backend] = counts.get(backend, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def spread(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    return {b: int(after[b] - before.get(b, 0.0)) for b in sorted(after)}
+
+
+def summary(collector, per_backend: dict[str, int]) -> dict[str, Any]:
+    stats = collector.stats
+    totals = stats.totals()
+    return {
+        "agent_name": collector.agent,
+        "input": str(collector.input),
+        "output": str(collector.output),
+        "rollouts": totals["rollouts"],
+        "failures": totals["failures"],
+        "retries": collector.run_.retries if collector.run_ else 0,
+        "max_attempts": collector.max_attempts,
+        "skipped_already_done": totals["skipped_already_done"],
+        "interrupted": collector.interrupted,
+        "elapsed_s": totals["elapsed_s"],
+        "rollouts_per_s": totals["rollouts_per_s"],
+        "latency_p50_s": totals["latency_p50_s"],
+        "latency_p95_s": totals["latency_p95_s"],
+        "latency_mean_s": totals["latency_mean_s"],
+        "concurrency": collector.limit.value if collector.auto is None else collector.auto.settled(),
+        **({"concurrency_auto": collector.auto.report()} if collector.auto is not None else {}),
+        "means": totals["means"],
+        "requests_per_backend": per_backend,
+        "per_agent": stats.per_agent(),
+    }
+
+
+def agent_line(agent: dict) -> str:
+    parts = [f"{agent['rollouts']} rollouts", f"{agent['failures']} failed"]
+    if "reward" in agent["means"]:
+        parts.append(f"reward {agent['means']['reward']:.4f}")
+    parts += [f"pass@{k} {v:.4f}" for k, v in agent["pass@k"].items()]
+    return ", ".join(parts)
+
+
+def report(collector, per_backend: dict[str, int]) -> dict:
+    from rich.table import Table
+
+    data = summary(collector, per_backend)
+    collector.metrics_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    title = collector.agent or ", ".join(data["per_agent"]) or "no agent"
+    table = Table(title=f"Rollouts: {title} -> {collector.output.name}", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("rollouts written", str(data["rollouts"]))
+    failures = data["failures"]
+    table.add_row("failures", f"{failures}" + (f" (see {collector.failures_path.name})" if failures else ""))
+    table.add_row("retries", f"{data['retries']} (max_attempts {data['max_attempts']})")
+    if data["skipped_already_done"]:
+        table.add_row("already done (resume)", str(data["skipped_already_done"]))
+    for key, value in data["means"].items():
+        table.add_row(f"mean {key}", f"{value:.4f}")
+    table.add_row("rollouts/s", f"{data['rollouts_per_s']}")
+    table.add_row("latency p50 / p95 (s)", f"{data['latency_p50_s']} / {data['latency_p95_s']}")
+    auto = data.get("concurrency_auto")
+    table.add_row("concurrency", str(data["concurrency"]) if auto is None else
+                  f"auto: settled at {auto['settled']} (max {auto['maximum']}, {len(auto['trace'])} changes)"
+                  + ("" if auto["signals"] else "; no vLLM gauges, held"))
+    for name, agent in data["per_agent"].items():
+        table.add_row(f"agent {name}", agent_line(agent))
+    total = sum(per_backend.values())
+    for backend, n in per_backend.items():
+        table.add_row(f"model requests {backend}", f"{n} ({100 * n / total:.0f}%)" if total else "0")
+    if collector.interrupted:
+        table.add_row("interrupted", "yes: complete with +resume=true")
+    collector.console.print(table)
+    collector.console.print(f"metrics: {collector.metrics_path}")
+    return data

@@ -1,0 +1,55 @@
+"""math_verify: grade the model's last answer against the row's `expected_answer` with
+HuggingFace's math-verify (parse the gold answer, parse the model's, verify(gold, answer)).
+
+Grading runs in worker processes with a timeout per answer (grader.py); a grading problem is
+reward 0.0 with the reason in `grading_error`, never a 500.
+"""
+
+from __future__ import annotations
+
+from nemo_gym_cli.serving import SimpleResourcesServer, require, route
+
+from resources_servers.math_verify.grader import GraderPool
+
+
+def last_assistant_text(response: dict | None) -> str:
+    """The text of the last assistant message of a Responses API response ('' when none)."""
+    for item in reversed((response or {}).get("output") or []):
+        if isinstance(item, dict) and item.get("type") == "message" and item.get("role", "assistant") == "assistant":
+            parts = [p.get("text") or "" for p in item.get("content") or [] if isinstance(p, dict)]
+            text = "".join(parts)
+            if text:
+                return text
+    return ""
+
+
+class MathVerifyResourcesServer(SimpleResourcesServer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = GraderPool(workers=int(self.config_field("workers", int, 2)),
+                               timeout_s=float(self.config_field("timeout_s", (int, float), 5)),
+                               inner_timeout_s=self.config_field("inner_timeout_s", int, None))
+
+    async def on_startup(self) -> None:
+        await self.pool.start()
+
+    async def on_shutdown(self) -> None:
+        self.pool.close()
+
+    @route("/verify")
+    async def verify(self, body, ctx):
+        expected = require(body, "expected_answer", (str, int, float), where="math_verify row")
+        answer = last_assistant_text(body.get("response"))
+        if not answer:
+            graded = {"reward": 0.0, "extracted_answer": None, "reason": "the response has no assistant text"}
+        else:
+            graded = await self.pool.grade(str(expected), answer)
+        result = {**body, "reward": graded["reward"], "extracted_answer": graded["extracted_answer"]}
+        if graded.get("reason"):
+            result["grading_error"] = graded["reason"]
+        return result
+
+    @route("/grader_stats", "GET")
+    async def grader_stats(self, body, ctx):
+        pool = self.pool
+        return {"workers": pool.size, "graded": pool.graded, "timeouts": pool.timeouts, "replaced": pool.replaced}
