@@ -102,7 +102,8 @@ def real_vllm_servers(work: Path, n: int, max_num_seqs: int) -> list[str] | None
     if not ok:
         C.console.print(f"[yellow]real vLLM skipped: {why}[/yellow]")
         return None
-    servers = [start_real_vllm(free_port(), work / f"vllm_{i}.log", env={"REAL_VLLM_MAX_NUM_SEQS": str(max_num_seqs)})
+    servers = [start_real_vllm(free_port(), work / f"vllm_{i}.log", env={"REAL_VLLM_MAX_NUM_SEQS": str(max_num_seqs)},
+                               startup_timeout=600)  # a busy 2-core machine starts vLLM slowly
                for i in range(n)]
     C._started.extend(_Stoppable(s) for s in servers)
     return [f"http://127.0.0.1:{s.port}/v1" for s in servers]

@@ -4,6 +4,8 @@ max_num_seqs) and an injected clock, so its decisions are checked exactly and fa
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -171,3 +173,16 @@ def test_auto_converges_on_stand_ins_and_does_not_overshoot(standins, graph, tmp
     assert 12 <= max(limits) <= 64, limits  # it went past the capacity (found the queue), never ran off to the max
     assert 10 <= auto["settled"] <= 40 and metrics["concurrency"] == auto["settled"], auto
     assert "auto: settled at" in done.stderr + done.stdout
+
+    # The in-process API takes the same setting.
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import asyncio, sys\nfrom nemo_gym_cli import collect_rollouts\n"
+        "rows = [{'responses_create_params': {'input': f'weather in city {i}?'}} for i in range(60)]\n"
+        "async def main():\n"
+        "    results = [r async for r in collect_rollouts(rows, head_url=sys.argv[1], concurrency='auto', concurrency_max=16,\n"
+        "                                                 agent_name='simple_weather_simple_agent')]\n"
+        "    print(len(results), sum(r.get('reward', 0) for r in results))\n"
+        "asyncio.run(main())\n")
+    api = subprocess.run([sys.executable, str(script), g.head], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert api.returncode == 0 and api.stdout.split() == ["60", "60.0"], api.stderr
