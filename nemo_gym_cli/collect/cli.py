@@ -36,6 +36,10 @@ name: ...}; +agent_name is the agent of rows without one (needed only then). Eac
 rollout is written at once to OUT.jsonl as one line: the verify response plus
 _ng_task_index (input row), _ng_rollout_index (repeat) and agent_ref.
 
+  +concurrency=auto         find the knee of the vLLM servers: start at 4, raise while no backend
+                            queues, hold the queue small (vllm:num_requests_waiting, KV cache,
+                            preemptions, read through the model adapters' /backends), never above
+                            +concurrency_max=1024; the summary reports where it settled
   +limit=N                  only the first N input rows
   +num_repeats=N            or per agent: +num_repeats={_default:1,math_verify_simple_agent:8}
   +max_attempts=3           a rollout that fails for a transport or server reason (refused, reset,
