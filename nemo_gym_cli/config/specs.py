@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_gym_cli.config.paths import search_roots
+import yaml
+
+from nemo_gym_cli.config.paths import CONF_DIR, search_roots
 
 SERVER_TYPES = ("responses_api_models", "resources_servers", "responses_api_agents")
 
@@ -122,7 +125,19 @@ def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = N
     return problems
 
 
+@functools.cache
+def _base_defaults() -> dict:
+    with open(CONF_DIR / "base.yaml", "rb") as f:
+        return yaml.safe_load(f)
+
+
+def head_address(config: dict) -> tuple[str, int]:
+    """Where the head server of the graph listens: `head_server` of the config, else the default
+    in conf/base.yaml (the one place for it)."""
+    head = config.get("head_server") or _base_defaults()["head_server"]
+    return str(head["host"]), int(head["port"])
+
+
 def head_url(config: dict) -> str:
-    """Where the head server of the graph answers (conf/base.yaml's head_server, or overrides)."""
-    head = config.get("head_server") or {}
-    return f"http://{head.get('host', '127.0.0.1')}:{head.get('port', 11000)}"
+    host, port = head_address(config)
+    return f"http://{host}:{port}"

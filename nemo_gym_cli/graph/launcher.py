@@ -22,7 +22,7 @@ import orjson
 from rich.table import Table
 
 from nemo_gym_cli.serving.client import ServerClient
-from nemo_gym_cli.config import Composed, ServerSpec, secret_values
+from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
 from nemo_gym_cli.graph.build import RunningServer, bind_address, build_server, serve
 from nemo_gym_cli.graph.head import HeadServer
 from nemo_gym_cli.graph.preflight import backends_table, preflight_models
@@ -82,8 +82,7 @@ class Launcher:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        head = self.config.get("head_server") or {}
-        host, port = str(head.get("host", "127.0.0.1")), int(head.get("port", 11000))
+        host, port = head_address(self.config)
         try:
             await self.head.start(host, port)
         except OSError as e:

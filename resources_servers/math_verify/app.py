@@ -7,6 +7,9 @@ reward 0.0 with the reason in `grading_error`, never a 500.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from nemo_gym_cli.config.typed import ServerConfig
 from nemo_gym_cli.serving import SimpleResourcesServer, require, route
 
 from resources_servers.math_verify.grader import GraderPool
@@ -23,12 +26,22 @@ def last_assistant_text(response: dict | None) -> str:
     return ""
 
 
+@dataclass(kw_only=True)
+class MathVerifyConfig(ServerConfig):
+    """`workers` and `timeout_s` are listed with their defaults in configs/math_verify.yaml."""
+
+    workers: int  # grading processes (sympy is CPU work, off the event loop)
+    timeout_s: float  # per answer; a worker stuck longer is killed and replaced, reward 0.0
+    inner_timeout_s: int | None = None  # math-verify's own parse/verify timeout inside a worker
+
+
 class MathVerifyResourcesServer(SimpleResourcesServer):
+    config_type = MathVerifyConfig
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pool = GraderPool(workers=int(self.config_field("workers", int, 2)),
-                               timeout_s=float(self.config_field("timeout_s", (int, float), 5)),
-                               inner_timeout_s=self.config_field("inner_timeout_s", int, None))
+        cfg = self.config
+        self.pool = GraderPool(workers=cfg.workers, timeout_s=cfg.timeout_s, inner_timeout_s=cfg.inner_timeout_s)
 
     async def on_startup(self) -> None:
         await self.pool.start()
