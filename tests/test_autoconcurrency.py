@@ -86,6 +86,19 @@ def test_a_long_queue_is_cut_back_by_its_excess():
     assert seen[0] < 64 and seen[-1] <= 8 + 2 * 2 and min(seen) >= 8, seen
 
 
+def test_a_cut_waits_for_the_rollouts_over_it_to_drain_before_cutting_again():
+    servers = Servers(backends=2, seqs=4, model_share=1.0)
+    flight = [64]
+    auto = controller(Limit(64), servers, in_flight=lambda: flight[0])
+    auto.step(servers.signals(flight[0]))
+    assert auto.limit.value == 48  # the queue (56) says cut; at most 25% at once
+    auto.step(servers.signals(flight[0]))  # still 64 in flight: the gauges show the old load
+    assert auto.limit.value == 48
+    flight[0] = 48
+    auto.step(servers.signals(flight[0]))
+    assert auto.limit.value == 36
+
+
 def test_rising_preemptions_cut_at_once_and_stop_the_ramp():
     servers = Servers(backends=2, seqs=100)
     auto = controller(Limit(40), servers)

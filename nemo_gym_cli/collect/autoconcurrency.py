@@ -3,11 +3,11 @@
 The controller samples the backends' gauges (through the model adapters' `GET /backends`) a
 few times a second and moves the collector's concurrency limit:
 
-- ramp: start low and double while no backend queues (`num_requests_waiting` ~ 0) and the run
-  really uses the limit; the first queue ends the ramp;
+- ramp: start low and double while no backend queues and the run really uses the limit; the
+  first waiting request (or every KV cache full) ends the ramp;
 - then hold the queue small: a little waiting keeps every sequence slot busy (throughput), a
   long queue only adds latency. Above the band, cut by the excess (each waiting request is a
-  rollout too many); below it, add one step; KV cache near full on every backend holds (no
+  rollout too many; once the rollouts over the last cut have drained); below it, add 5%; KV cache near full on every backend holds (no
   raise); rising preemptions cut at once.
 
 Decisions are a pure function of the samples (`decide`), so they are tested with injected
@@ -101,15 +101,21 @@ class AutoConcurrency:
             self.last_preemptions = s.preemptions
         n = s.backends
         queue_now = min(self.queue, s.waiting)  # smoothed, but never staler than the sample: no undershoot
-        if preempted or queue_now > QUEUE_HIGH_PER_BACKEND * n:
+        flight = self.in_flight()
+        kv_all_full = s.kv_min is not None and s.kv_min >= KV_FULL
+        if preempted:
             self._end_ramp()
-            excess = max(1, math.ceil(queue_now - QUEUE_TARGET_PER_BACKEND * n)) if not preempted else math.ceil(current / 4)
+            return max(1, current - math.ceil(current / 4))
+        if queue_now > QUEUE_HIGH_PER_BACKEND * n:
+            self._end_ramp()
+            if flight > current:  # the last cut is still draining (rollouts in flight finish first)
+                return current
+            excess = max(1, math.ceil(queue_now - QUEUE_TARGET_PER_BACKEND * n))
             return max(1, current - excess, math.floor(current * MAX_CUT))
-        if s.waiting > QUEUE_LOW_PER_BACKEND * n:  # a queue now: the ramp is over, hold
+        if self.ramping and (s.waiting >= 1 or kv_all_full):  # the first sign of a full server ends the doubling
             self._end_ramp()
             return current
-        kv_all_full = s.kv_min is not None and s.kv_min >= KV_FULL
-        using_it = self.in_flight() >= current * 0.9  # a run's tail (or a small dataset) does not use it
+        using_it = flight >= current * 0.9  # a run's tail (or a small dataset) does not use it
         if self.queue > QUEUE_LOW_PER_BACKEND * n or kv_all_full or not using_it:
             return current
         step = current if self.ramping else max(1, round(current * 0.05))
