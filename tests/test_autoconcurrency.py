@@ -134,8 +134,12 @@ def test_signals_sum_the_up_backends_of_every_adapter():
                            {"healthy": False, "vllm": {"running": None, "waiting": None}}]},
              {"backends": [{"healthy": True, "vllm": {"running": 3, "waiting": 0, "kv_cache_usage": 0.2, "preemptions": 0}},
                            {"healthy": True, "vllm": {"running": None, "waiting": None, "kv_cache_usage": None}}]}]
+    for i, b in enumerate(b for v in views for b in v["backends"]):
+        b["url"] = f"http://h{i}:8000/v1"
     s = Signals.from_views(views)
     assert (s.backends, s.running, s.waiting, s.kv_min, s.preemptions) == (2, 5, 1, 0.2, 1)
+    judge = {"backends": [dict(views[0]["backends"][0])]}  # the same server behind a judge adapter
+    assert Signals.from_views([*views, judge]).waiting == 1
 
 
 def test_the_loop_samples_at_its_interval_and_survives_a_failed_read():

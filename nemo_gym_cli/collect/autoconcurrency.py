@@ -49,11 +49,13 @@ class Signals:
         """From model adapters' `/backends` answers."""
         s = cls(backends=0)
         kvs, preempted = [], []
+        seen: set = set()  # a server behind two adapters (policy and judge) counts once
         for view in views:
             for b in view.get("backends", []):
                 g = b.get("vllm") or {}
-                if not b.get("healthy") or g.get("running") is None or g.get("waiting") is None:
+                if not b.get("healthy") or g.get("running") is None or g.get("waiting") is None or b.get("url") in seen:
                     continue
+                seen.add(b.get("url"))
                 s.backends += 1
                 s.running += g["running"]
                 s.waiting += g["waiting"]
