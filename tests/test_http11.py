@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from nemo_gym_cli.serving.http11 import LeanHTTP
+from nemo_gym_cli.serving.http11 import LeanHTTP, NotSent
 
 
 async def start(app: web.Application, **kwargs) -> tuple[web.AppRunner, str]:
@@ -82,7 +82,7 @@ async def test_idle_connections_the_server_closed_are_replaced_transparently(ser
 
 async def test_refused_and_timed_out_requests_raise(server):
     http = LeanHTTP()
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(NotSent, match="127.0.0.1:1: ConnectionRefusedError"):
         await http.request("GET", "http://127.0.0.1:1/health", None, None, 5)
     with pytest.raises(TimeoutError):
         await http.request("GET", f"{server}/slow", None, None, 0.3)

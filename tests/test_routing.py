@@ -127,13 +127,24 @@ async def client():
         yield session
 
 
+def prober(client: aiohttp.ClientSession):
+    """The health checks' GET, through the same client as the calls (as the adapter does)."""
+
+    async def probe(url: str, timeout_s: float) -> int:
+        async with client.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            return resp.status
+
+    return probe
+
+
 @pytest.fixture
 async def make_router(vllms, client):
     routers: list[Router] = []
 
     def make(**kwargs) -> Router:
         kwargs.setdefault("probe_interval_s", 0.02)
-        router = Router([v.url for v in vllms], http_session=lambda: client, **kwargs)
+        kwargs.setdefault("health_interval_s", 0)  # passive only, unless a test is about active checks
+        router = Router([v.url for v in vllms], probe=prober(client), **kwargs)
         routers.append(router)
         return router
 
@@ -424,7 +435,7 @@ def test_unknown_policy_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid policies: hash, least_loaded, round_robin"):
         make_policy("fastest")
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
-        Router(["http://h:8000/v1"], policy="fastest", http_session=aiohttp.ClientSession)
+        Router(["http://h:8000/v1"], policy="fastest", probe=prober(None))
 
 
 @pytest.mark.parametrize("url, root", [

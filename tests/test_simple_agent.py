@@ -131,3 +131,14 @@ def test_reset_tool_choice_turns_a_forced_first_call_into_one_call(standins, gra
     status, response = http_json(g.url("simple_weather_simple_agent") + "/v1/responses", {**ask("hi"), "tool_choice": "required"})
     assert status == 200, response
     assert output_types(response) == ["message", "function_call", "function_call_output", "message"]
+
+
+@pytest.mark.parametrize("index", ["7\r\nX-Session-ID: injected-by-row", "7\nX-Session-ID: injected-by-row", "7\x00"])
+def test_a_row_cannot_put_headers_on_the_model_request(scripted, index):
+    g, backend = scripted()
+    row = {"responses_create_params": ask("Weather in Paris?"), "_ng_task_index": index}
+    status, error = http_json(g.url("simple_weather_simple_agent") + "/run", row)
+    assert status == 400, error
+    assert "'_ng_task_index'" in error["error"]["message"] and "CR, LF or NUL" in error["error"]["message"]
+    assert "injected-by-row" not in backend.sessions()
+    assert backend.stats()["requests"] == 0  # refused before the episode started

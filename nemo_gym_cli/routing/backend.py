@@ -19,7 +19,7 @@ class Backend:
     __slots__ = (
         "url", "root_url", "index", "healthy", "in_flight", "sessions",
         "requests", "failovers", "latency_sum_s", "down_reason", "probe_error",
-        "probe_task", "metrics",
+        "probe_task", "metrics", "calls", "cut",
     )
 
     def __init__(self, url: str, index: int) -> None:
@@ -36,6 +36,8 @@ class Backend:
         self.probe_error: str | None = None
         self.probe_task: asyncio.Task | None = None
         self.metrics = None  # BackendMetrics when the router has a registry
+        self.calls: set[asyncio.Task] = set()  # tasks awaiting a call here (cancelled if it dies)
+        self.cut: set[asyncio.Task] = set()  # of those, the ones the router cancelled
 
     def why_down(self) -> str:
         if self.healthy:

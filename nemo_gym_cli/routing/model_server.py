@@ -11,6 +11,26 @@ from nemo_gym_cli.serving.kinds import ResponsesAPIModel
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
 
+def check_chat_completion(answer: Any) -> str | None:
+    """A Chat Completion we can use has a non-empty `choices` list whose first item has a `message`."""
+    if not isinstance(answer, dict):
+        return f"with JSON that is not an object ({type(answer).__name__})"
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "without 'choices'" if choices is None else "with an empty or invalid 'choices'"
+    first = choices[0]
+    if not isinstance(first, dict) or not isinstance(first.get("message"), dict):
+        return "without choices[0].message"
+    return None
+
+
+def check_response(answer: Any) -> str | None:
+    """A Responses API answer we can use is an object with an `output` list."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("output"), list):
+        return "without an 'output' list"
+    return None
+
+
 class UpstreamModel(ResponsesAPIModel):
     """A model adapter over OpenAI-compatible upstream servers (`base_url`, `api_key`, `model`):
     Chat Completions pass through with session routing; /release_session frees the pin.
@@ -25,6 +45,9 @@ class UpstreamModel(ResponsesAPIModel):
         self.model = self.config.model
         self.upstream = Upstream(self)
 
+    async def on_startup(self) -> None:
+        self.upstream.start()  # the backends' health checks
+
     async def on_shutdown(self) -> None:
         await self.upstream.close()
 
@@ -32,7 +55,8 @@ class UpstreamModel(ResponsesAPIModel):
     async def chat_completions(self, body: Any, ctx: RequestContext) -> Any:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise HTTPError(400, "request body must be Chat Completions params with a 'messages' list")
-        return await self.upstream.call(ctx, "/chat/completions", {**body, "model": self.model})
+        return await self.upstream.call(ctx, "/chat/completions", {**body, "model": self.model},
+                                        check=check_chat_completion)
 
     @route("/release_session")
     async def release_session(self, body: Any, ctx: RequestContext) -> Any:

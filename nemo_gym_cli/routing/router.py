@@ -1,5 +1,6 @@
 """Session router over many vLLM backends: sticky sessions, load-aware placement, passive +
-active health checks and failover. Single asyncio loop, no locks."""
+active health checks (health.py), failover, and calls cut off a frozen backend re-issued
+elsewhere. Single asyncio loop, no locks."""
 
 from __future__ import annotations
 
@@ -7,20 +8,22 @@ import asyncio
 import time
 from typing import Awaitable, Callable, TypeVar
 
-import aiohttp
 from prometheus_client import CollectorRegistry
+
+from nemo_gym_cli.serving.client import UNAVAILABLE_ERRORS
 
 from . import metrics as _metrics
 from .backend import Backend
 from .groups import GroupAffinity
+from .health import HealthChecks, Probe
 from .policies import Policy, make_policy
 from .sessions import SessionTable
 
 T = TypeVar("T")
 
-# What an ``attempt`` should turn into BackendUnavailable (the backend refused, reset or timed out).
-UNAVAILABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError)
+# What an ``attempt`` should turn into BackendUnavailable (the backend refused, reset or timed
+# out): the server client's tuple, the same one the health checks use.
+UNAVAILABLE_EXCEPTIONS = UNAVAILABLE_ERRORS
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 
 
@@ -37,7 +40,11 @@ class Router:
 
     ``call(session_id, attempt)`` runs ``await attempt(backend)``; if that raises
     BackendUnavailable the backend is marked down and probed, the session is re-pinned to
-    another healthy backend and the attempt is retried there. Any other exception propagates.
+    another healthy backend and the attempt is retried there. The same happens to an attempt
+    cut off because the health checks found its backend dead (the attempt is cancelled, so it
+    must be safe to repeat). Any other exception propagates.
+
+    ``probe(url, timeout_s) -> HTTP status`` does the health checks' GETs.
     """
 
     def __init__(
@@ -49,11 +56,13 @@ class Router:
         max_sessions: int = 100_000,
         group_affinity: bool = True,
         group_affinity_slack: int = 4,
+        probe: Probe,
+        health_interval_s: float = 2.0,
+        health_timeout_s: float = 2.0,
+        health_failures: int = 3,
         probe_interval_s: float = 0.5,
-        probe_timeout_s: float = 2.0,
         max_failovers: int | None = None,
         wait_for_backend_s: float = 30.0,
-        http_session: Callable[[], aiohttp.ClientSession],
         registry: CollectorRegistry | None = None,
     ) -> None:
         if isinstance(base_urls, str):
@@ -63,8 +72,6 @@ class Router:
             raise ValueError("Router needs at least one backend URL")
         if len(set(urls)) != len(urls):
             raise ValueError(f"duplicate backend URLs: {urls}")
-        if probe_interval_s <= 0 or probe_timeout_s <= 0:
-            raise ValueError("probe_interval_s and probe_timeout_s must be > 0")
         if wait_for_backend_s < 0:
             raise ValueError(f"wait_for_backend_s must be >= 0, got {wait_for_backend_s}")
         if max_failovers is not None and max_failovers < 0:
@@ -76,11 +83,12 @@ class Router:
         self._on_result = self.policy.on_result if on_result is not Policy.on_result else None
         self.sessions = SessionTable(session_ttl_s, max_sessions)
         self.groups = GroupAffinity(group_affinity_slack, max_sessions) if group_affinity else None
-        self.probe_interval_s = probe_interval_s
-        self.probe_timeout_s = probe_timeout_s
+        self.health = HealthChecks(probe, interval_s=health_interval_s, timeout_s=health_timeout_s,
+                                   failures=health_failures, down_interval_s=probe_interval_s,
+                                   on_down=self._mark_down, on_up=self._mark_up, cut_off=self._cut_off)
+        self._started = False
         self.max_failovers = len(self.backends) if max_failovers is None else max_failovers
         self.wait_for_backend_s = wait_for_backend_s
-        self._http_session = http_session
         self._healthy: list[Backend] = list(self.backends)
         self._up = asyncio.Event()
         self._up.set()
@@ -90,11 +98,21 @@ class Router:
 
     # -- the hot path -------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start the active health checks (needs a running loop; call() does it on first use)."""
+        self._started = True
+        if self.health.active:
+            for backend in self.backends:
+                self.health.watch(backend)
+
     async def call(self, session_id: str | None, attempt: Callable[[Backend], Awaitable[T]], *,
                    group_key: str | None = None) -> T:
+        if not self._started:
+            self.start()
         backend = self._route(session_id, group_key)
         deadline = None
         failovers = 0
+        task = asyncio.current_task()
         while True:
             if backend is None:
                 if deadline is None:
@@ -103,31 +121,43 @@ class Router:
                 backend = self._route(session_id, group_key)
                 continue
             backend.in_flight += 1
+            calls = backend.calls
+            calls.add(task)
             t0 = time.perf_counter()
             try:
                 result = await attempt(backend)
             except BackendUnavailable as e:
-                backend.in_flight -= 1
-                self._record(backend, "unavailable", time.perf_counter() - t0)
-                self._mark_down(backend, e)
-                if failovers >= self.max_failovers:
-                    raise
-                failovers += 1
-                backend.failovers += 1
-                if backend.metrics is not None:
-                    backend.metrics.failovers.inc()
-                backend = self._route(session_id, group_key)
-                continue
+                calls.discard(task)
+                error: BaseException = e
             except Exception:
+                calls.discard(task)
                 backend.in_flight -= 1
                 self._record(backend, "error", time.perf_counter() - t0)
                 raise
-            except BaseException:  # cancelled: not the backend's outcome
+            except BaseException as e:  # cancelled: by the health checks (re-issue), or the caller's
+                calls.discard(task)
+                if not self._was_cut_off(backend, task, e):
+                    backend.in_flight -= 1
+                    raise
+                error = BackendUnavailable(f"cut off: {backend.why_down()}")
+            else:
+                calls.discard(task)
+                if backend.cut and task in backend.cut:  # cut off just as it finished: keep the result
+                    backend.cut.discard(task)
+                    task.uncancel()
                 backend.in_flight -= 1
-                raise
+                self._record(backend, "ok", time.perf_counter() - t0)
+                return result
             backend.in_flight -= 1
-            self._record(backend, "ok", time.perf_counter() - t0)
-            return result
+            self._record(backend, "unavailable", time.perf_counter() - t0)
+            self._mark_down(backend, error)
+            if failovers >= self.max_failovers:
+                raise error
+            failovers += 1
+            backend.failovers += 1
+            if backend.metrics is not None:
+                backend.metrics.failovers.inc()
+            backend = self._route(session_id, group_key)
 
     def release(self, session_id: str | None) -> None:
         """Forget a session (rollout end). Unknown ids and None are ignored."""
@@ -170,20 +200,34 @@ class Router:
 
     # -- health -------------------------------------------------------------------------------
 
-    def _mark_down(self, backend: Backend, error: BaseException) -> None:
+    def _mark_down(self, backend: Backend, error: BaseException | str) -> None:
         if not backend.healthy:
             return
         backend.healthy = False
         text = str(error)
-        backend.down_reason = text if text and type(error) is BackendUnavailable else (
+        backend.down_reason = text if isinstance(error, str) or (text and type(error) is BackendUnavailable) else (
             f"{type(error).__name__}: {text}" if text else type(error).__name__)
         backend.probe_error = None
         self._healthy = [b for b in self.backends if b.healthy]
         if not self._healthy:
             self._up.clear()
-        if not self._closed and backend.probe_task is None:
-            backend.probe_task = asyncio.get_running_loop().create_task(
-                self._probe(backend), name=f"probe {backend.root_url}")
+        if not self._closed:
+            self.health.watch(backend)
+
+    @staticmethod
+    def _was_cut_off(backend: Backend, task: asyncio.Task, error: BaseException) -> bool:
+        """True if `error` is _cut_off's cancellation alone (not also the caller's)."""
+        if not isinstance(error, asyncio.CancelledError) or task not in backend.cut:
+            return False
+        backend.cut.discard(task)
+        return task.uncancel() == 0
+
+    def _cut_off(self, backend: Backend) -> None:
+        """Cancel the calls in flight on a dead backend; call() re-issues them elsewhere."""
+        for task in list(backend.calls):
+            if task not in backend.cut:
+                backend.cut.add(task)
+                task.cancel()
 
     def mark_down(self, backend: Backend, reason: str) -> None:
         """Take a backend out of rotation (preflight found it unreachable); the probe brings it back."""
@@ -196,26 +240,6 @@ class Router:
         backend.down_reason = backend.probe_error = None
         self._healthy = [b for b in self.backends if b.healthy]
         self._up.set()
-
-    async def _probe(self, backend: Backend) -> None:
-        """GET <root>/health every probe_interval_s until it answers 200, then mark it up."""
-        url = backend.root_url + "/health"
-        timeout = aiohttp.ClientTimeout(total=self.probe_timeout_s)
-        try:
-            while not backend.healthy and not self._closed:
-                await asyncio.sleep(self.probe_interval_s)
-                try:
-                    async with self._http_session().get(url, timeout=timeout) as resp:
-                        if resp.status == 200:
-                            self._mark_up(backend)
-                            return
-                        backend.probe_error = f"GET /health -> HTTP {resp.status}"
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - any failure just means "still down"
-                    backend.probe_error = f"GET /health -> {type(e).__name__}: {e}".rstrip(": ")
-        finally:
-            backend.probe_task = None
 
     async def _wait_for_healthy(self, deadline: float) -> None:
         """Wait (bounded) until some backend is healthy; else raise NoHealthyBackend."""
@@ -249,10 +273,6 @@ class Router:
         return len(self.sessions)
 
     async def close(self) -> None:
-        """Stop the probe tasks. The http session belongs to the caller and stays open."""
+        """Stop the health checks. The HTTP client belongs to the caller and stays open."""
         self._closed = True
-        tasks = [b.probe_task for b in self.backends if b.probe_task is not None]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.health.close(self.backends)

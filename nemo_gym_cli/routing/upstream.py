@@ -1,35 +1,44 @@
 """Calls from a model adapter to its OpenAI-compatible upstream(s) (vLLM servers, OpenAI).
 
-One Router over the configured base URLs (sticky sessions, load-aware placement, failover);
-each attempt has a timeout; 429 and 500 are retried on the same backend with backoff, while
-refused/reset/timed-out connections and 502/503/504 fail over to another backend.
+One Router over the configured base URLs (sticky sessions, load-aware placement, failover,
+active health checks); each attempt has a timeout; 429 and 500 are retried on the same backend
+with backoff, while refused/reset/timed-out connections and 502/503/504 fail over to another
+backend (inference calls are safe to repeat). An answer that is not valid HTTP, not JSON, or
+fails the caller's check (e.g. a 200 without `choices`) fails that request with a 502 naming
+the backend and counts as an error of that backend; it is never passed on as a success.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-import aiohttp
 import orjson
 
-from nemo_gym_cli.serving.client import backoff_delay, error_message
 from nemo_gym_cli.config.typed import ServerConfig, UrlList
-from nemo_gym_cli.routing import UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router
+from nemo_gym_cli.routing import UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router
 from nemo_gym_cli.serving.base import BaseServer
+from nemo_gym_cli.serving.client import backoff_delay, error_message
+from nemo_gym_cli.serving.http11 import ProtocolError
 from nemo_gym_cli.serving.protocol import GROUP_HEADER, SESSION_HEADER, HTTPError, RequestContext
 
-CONNECTION_FAILURES = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
 RETRY_SAME_BACKEND = frozenset({429, 500})
+# A check of a parsed 2xx answer: None if usable, else what is wrong with it.
+Check = Callable[[Any], "str | None"]
 
 
 class UpstreamError(Exception):
-    """The upstream answered with an error that is the request's fault (4xx) or persisted (5xx)."""
+    """The upstream answered with an error that is the request's fault (4xx) or persisted (5xx),
+    or (`malformed`) with an answer we cannot use; `status` is then ours (502)."""
 
-    def __init__(self, status: int, message: str, backend: str):
-        super().__init__(f"{backend}: HTTP {status}: {message}")
-        self.status, self.message, self.backend = status, message, backend
+    def __init__(self, status: int, message: str, backend: str, malformed: bool = False):
+        super().__init__(f"{backend}: {message}" if malformed else f"{backend}: HTTP {status}: {message}")
+        self.status, self.message, self.backend, self.malformed = status, message, backend, malformed
+
+
+def _snippet(raw: bytes) -> str:
+    return repr(raw[:120]) + (f"... ({len(raw)} bytes)" if len(raw) > 120 else "")
 
 
 @dataclass(kw_only=True)
@@ -47,6 +56,9 @@ class UpstreamConfig(ServerConfig):
     group_affinity_slack: int = 4  # ...unless that backend has this many more in flight than the least loaded
     session_ttl_s: float = 1800  # a session idle this long is forgotten
     max_sessions: int = 100_000  # sessions remembered at most (least recently used go first)
+    health_interval_s: float = 2  # GET /health on every backend this often (0: only after a failed request)
+    health_timeout_s: float = 2  # a /health slower than this is a failed check
+    health_failures: int = 3  # failed checks in a row: down, its requests in flight re-issued elsewhere
     probe_interval_s: float = 0.5  # a backend marked down is probed on /health this often
     wait_for_backend_s: float = 30  # with every backend down, a request waits this long for one
     preflight_timeout_s: float = 5  # ng_run's check of every backend (all in parallel) takes at most this long
@@ -70,16 +82,22 @@ class Upstream:
             max_sessions=cfg.max_sessions,
             group_affinity=cfg.group_affinity,
             group_affinity_slack=cfg.group_affinity_slack,
+            probe=lambda url, timeout_s: server.client.health_status(url, timeout_s),  # the requests' client
+            health_interval_s=cfg.health_interval_s,
+            health_timeout_s=cfg.health_timeout_s,
+            health_failures=cfg.health_failures,
             probe_interval_s=cfg.probe_interval_s,
             wait_for_backend_s=cfg.wait_for_backend_s,
-            http_session=lambda: server.client.http,
             registry=server.registry,
         )
 
+    def start(self) -> None:
+        self.router.start()
+
     async def post(self, path: str, payload: Any, *, session_id: str | None, group_key: str | None = None,
-                   at_root: bool = False) -> tuple[Any, Backend]:
+                   at_root: bool = False, check: Check | None = None) -> tuple[Any, Backend]:
         """POST to `<base_url><path>` (or `<root_url><path>`, e.g. vLLM's /tokenize) of the
-        session's backend; returns (parsed JSON, backend)."""
+        session's backend; returns (parsed JSON, backend). `check` vets a 2xx answer."""
         data = orjson.dumps(payload)
         headers = {**self.headers, SESSION_HEADER: session_id} if session_id else self.headers
 
@@ -87,11 +105,22 @@ class Upstream:
             url = (backend.root_url if at_root else backend.url) + path
             for retry in range(self.max_retries + 1):
                 try:
-                    status, raw = await self.server.client.raw_request("POST", url, data, headers, self.timeout_s)
-                except CONNECTION_FAILURES as e:
+                    status, raw = await self.server.client.raw_request("POST", url, data, headers, self.timeout_s,
+                                                                       idempotent=True)
+                except ProtocolError as e:
+                    raise UpstreamError(502, f"sent a malformed answer ({e})", backend.url, True) from None
+                except UNAVAILABLE_EXCEPTIONS as e:
                     raise BackendUnavailable(f"{type(e).__name__}: {e}".rstrip(": ")) from None
                 if status < 400:
-                    return orjson.loads(raw), backend
+                    try:
+                        parsed = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        raise UpstreamError(502, f"answered HTTP {status} with a body that is not JSON: "
+                                                 f"{_snippet(raw)}", backend.url, True) from None
+                    problem = check(parsed) if check is not None else None
+                    if problem:
+                        raise UpstreamError(502, f"answered HTTP {status} {problem}: {_snippet(raw)}", backend.url, True)
+                    return parsed, backend
                 if status in UNAVAILABLE_STATUSES:
                     raise BackendUnavailable(f"HTTP {status}")
                 if status not in RETRY_SAME_BACKEND or retry == self.max_retries:
@@ -105,19 +134,21 @@ class Upstream:
 
         return await self.router.call(session_id, attempt, group_key=group_key)
 
-    async def call(self, ctx: RequestContext, path: str, payload: Any, *, at_root: bool = False) -> Any:
+    async def call(self, ctx: RequestContext, path: str, payload: Any, *, at_root: bool = False,
+                   check: Check | None = None) -> Any:
         """post() for a request handler: the session and group of the request, errors as HTTPError
         (the upstream's status and message; 503 when no backend could take it)."""
         group = ctx.headers.get(GROUP_HEADER) if ctx.headers else None
         name = self.server.name
         try:
-            data, _ = await self.post(path, payload, session_id=ctx.session_id, group_key=group, at_root=at_root)
+            data, _ = await self.post(path, payload, session_id=ctx.session_id, group_key=group, at_root=at_root,
+                                      check=check)
             return data
         except BackendUnavailable as e:
             raise HTTPError(503, f"{name}: no upstream server could take the request: {e}", "upstream_unavailable") from None
         except UpstreamError as e:
-            raise HTTPError(e.status, f"{name}: upstream {e.backend} answered HTTP {e.status}: {e.message}",
-                            "upstream_error") from None
+            said = e.message if e.malformed else f"answered HTTP {e.status}: {e.message}"
+            raise HTTPError(e.status, f"{name}: upstream {e.backend} {said}", "upstream_error") from None
 
     def release(self, session_id: str | None) -> None:
         self.router.release(session_id)

@@ -1,10 +1,19 @@
 """The server client: call another server of the graph by name.
 
-One shared aiohttp.ClientSession per process, sized from config (aiohttp's default limit of
-100 connections would silently cap concurrency). Names resolve through the head server. A
-server that lives in this process is called directly (local dispatch), with the same
-errors and retries as over HTTP. Every call has a timeout and bounded retries with
-exponential backoff and full jitter on connection errors, 429 and 5xx.
+JSON over http:// goes through the lean keep-alive client (serving/http11.py); https:// through
+one shared aiohttp.ClientSession per process. Both obey `http_client`: a per-host connection
+cap, a response-size cap, and headers checked for CR/LF/NUL before anything is written.
+Names resolve through the head server. A server that lives in this process is called directly
+(local dispatch), with the same errors and retries as over HTTP.
+
+Every call has a timeout and bounded retries (exponential backoff, full jitter). A call is
+sent again only when the server cannot have acted on it, or when it is safe to repeat:
+- any call: the connection was refused or never opened (`NotSent`), or the answer was 429;
+- idempotent calls also after a reset, a timeout or a 5xx. Idempotent are GET and the POSTs
+  a caller marks `idempotent=True`: a model's /v1/responses and /v1/chat/completions
+  (inference has no side effects) and /release_session. Everything else (/seed_session,
+  tools, /verify, /run) runs at most once per call; the collector's own retries
+  (`+max_attempts`) decide about whole rollouts.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from nemo_gym_cli.serving.http11 import LeanHTTP
+from nemo_gym_cli.serving.http11 import (DEFAULT_MAX_RESPONSE_BYTES, IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
+                                         NotSent, ProtocolError, check_header)
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 
 if TYPE_CHECKING:
@@ -26,7 +36,13 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Error types our servers give when *their* upstream failed after their own retries: retrying
 # here too would multiply the tries at every hop (agent -> judge env -> judge model -> vLLM).
 ALREADY_RETRIED = frozenset({"upstream_error", "upstream_unavailable"})
-CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+# "The server is unavailable": refused, reset, timed out, or closed mid-answer. One tuple for
+# every caller: server calls here, a model adapter's calls to its backends and their /health probes.
+UNAVAILABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+# The request never reached the server: safe to send again, whatever it is.
+NOT_SENT_ERRORS = (NotSent, aiohttp.ClientConnectorError)
+# Answers that say the server did not process the request.
+NOT_PROCESSED_STATUSES = frozenset({429})
 
 
 class ServerCallError(Exception):
@@ -57,7 +73,7 @@ def make_http_session(http_config: dict | None = None, limit: int | None = None)
     cfg = http_config or {}
     connector = aiohttp.TCPConnector(
         limit=limit if limit is not None else int(cfg.get("connector_limit", 4096)),
-        limit_per_host=0,
+        limit_per_host=int(cfg.get("connector_limit_per_host", 0)),
         ttl_dns_cache=300,
         enable_cleanup_closed=True,
     )
@@ -81,8 +97,12 @@ class ServerClient:
         self.backoff_max = float(self.http_config.get("backoff_max_s", 8))
         self._session: aiohttp.ClientSession | None = None
         self.timeout_s = float(self.http_config.get("timeout_s", 3600))
+        self.max_response_bytes = int(self.http_config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES))
         # JSON calls over http:// (our servers, vLLM) use the lean client; the rest aiohttp.
-        self.lean = LeanHTTP(connect_timeout=float(self.http_config.get("connect_timeout_s", 10)))
+        self.lean = LeanHTTP(connect_timeout=float(self.http_config.get("connect_timeout_s", 10)),
+                             per_host_limit=int(self.http_config.get("connector_limit_per_host", 0)
+                                                or self.http_config.get("connector_limit", 4096)),
+                             max_response_bytes=self.max_response_bytes)
         self._urls: dict[str, str] = {}
         self._lookup: asyncio.Future | None = None
 
@@ -99,14 +119,31 @@ class ServerClient:
             await self._session.close()
 
     async def raw_request(self, method: str, url: str, data: bytes | None, headers: dict | None,
-                          timeout_s: float | None) -> tuple[int, bytes]:
-        """One HTTP exchange, no retries: (status, body). Raises OSError / asyncio.TimeoutError
-        (or aiohttp's connection errors for https://)."""
+                          timeout_s: float | None, *, idempotent: bool | None = None) -> tuple[int, bytes]:
+        """One HTTP exchange, no retries: (status, body). Raises UNAVAILABLE_ERRORS (NotSent when
+        nothing went out), ProtocolError for a malformed or oversized answer, InvalidRequest
+        for a header with CR/LF/NUL."""
         if self.lean.supports(url):
-            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s)
+            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent)
+        for name, value in (headers or {}).items():
+            check_header(name, str(value))
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
+        cap = self.max_response_bytes
         async with self.http.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
-            return resp.status, await resp.read()
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > cap:
+                    raise ProtocolError(f"{url}: response body over the {cap}-byte cap (http_client.max_response_bytes)")
+            return resp.status, bytes(body)
+
+    async def health_status(self, url: str, timeout_s: float) -> int:
+        """`GET url` -> HTTP status, for health checks: through the same clients as requests,
+        but never waiting behind the per-host connection cap (a probe stuck behind slow calls
+        would make a slow backend look dead)."""
+        if self.lean.supports(url):
+            return (await self.lean.request("GET", url, None, None, timeout_s, uncapped=True))[0]
+        return (await self.raw_request("GET", url, None, None, timeout_s))[0]
 
     # ------------------------------------------------------------ name resolution
     async def servers(self) -> list[dict]:
@@ -136,22 +173,32 @@ class ServerClient:
     # ------------------------------------------------------------ calls
     async def post(self, server: str, path: str, body: Any = None, *, session_id: str | None = None,
                    headers: dict | None = None, timeout_s: float | None = None,
-                   retry_statuses: frozenset[int] = RETRY_STATUSES) -> Any:
+                   retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool = False) -> Any:
+        """POST by server name. `idempotent=True` only for calls that are safe to run twice
+        (see the module docstring): it allows re-sending after a reset, a timeout or a 5xx."""
         local = self.local_servers.get(server)
         if local is not None:
-            return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers)
+            return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers, idempotent)
         url = await self.url_of(server) + path
         if session_id:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
         return await self.request_json("POST", url, body, headers=headers, server=server, timeout_s=timeout_s,
-                                       retry_statuses=retry_statuses)
+                                       retry_statuses=retry_statuses, idempotent=idempotent)
 
     async def _local_call(self, server: "BaseServer", method: str, path: str, body: Any, session_id: str | None,
-                          retry_statuses: frozenset[int], headers: dict | None = None) -> Any:
+                          retry_statuses: frozenset[int], headers: dict | None = None, idempotent: bool = False) -> Any:
         # The JSON round trip gives the callee its own copy of the body, exactly as HTTP would
         # (and rejects what JSON cannot carry). Handlers return fresh data, so the result is
         # handed over as is: copying it too cost 7% of a co-located graph's CPU.
         payload = orjson.loads(orjson.dumps(body)) if body is not None else {}
+        try:
+            for name, value in (headers or {}).items():
+                check_header(name, str(value))  # as over HTTP: what could not be sent is not passed on
+        except InvalidRequest as e:
+            raise ServerCallError(server.name, f"local:{path}", f"request refused before sending: {e}", 400,
+                                  "invalid_request_error") from None
+        if not idempotent:
+            retry_statuses = retry_statuses & NOT_PROCESSED_STATUSES
         for attempt in range(self.max_retries + 1):
             try:
                 return await server.dispatch(method, path, payload, session_id, headers)
@@ -167,14 +214,19 @@ class ServerClient:
 
     async def request_json(self, method: str, url: str, body: Any = None, *, headers: dict | None = None,
                            server: str = "", timeout_s: float | None = None, retries: int | None = None,
-                           retry_statuses: frozenset[int] = RETRY_STATUSES) -> Any:
-        """One HTTP call with timeout and bounded retries; returns the parsed JSON body."""
+                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None) -> Any:
+        """One HTTP call with timeout and bounded retries (only where safe, see the module
+        docstring); returns the parsed JSON body."""
         retries = self.max_retries if retries is None else retries
+        if idempotent is None:
+            idempotent = method in IDEMPOTENT_METHODS
+        if not idempotent:
+            retry_statuses = retry_statuses & NOT_PROCESSED_STATUSES
         data = orjson.dumps(body) if body is not None else None
         hdrs = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers
         for attempt in range(retries + 1):
             try:
-                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s)
+                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent)
                 try:
                     parsed = orjson.loads(raw) if raw else None
                 except orjson.JSONDecodeError:
@@ -187,11 +239,18 @@ class ServerClient:
                 etype = parsed.get("error", {}).get("type") if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else None
                 if status not in retry_statuses or etype in ALREADY_RETRIED or attempt == retries:
                     raise ServerCallError(server, url, message, status, etype)
-            except CONNECTION_ERRORS as e:
-                if attempt == retries:
+            except InvalidRequest as e:
+                raise ServerCallError(server, url, f"request refused before sending: {e}", 400, "invalid_request_error") from None
+            except ProtocolError as e:
+                raise ServerCallError(server, url, f"malformed answer: {e}") from None
+            except UNAVAILABLE_ERRORS as e:
+                sent = not isinstance(e, NOT_SENT_ERRORS)
+                if attempt == retries or (sent and not idempotent):
                     cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                     if isinstance(e, asyncio.TimeoutError):
                         cause = "timed out"
-                    raise ServerCallError(server, url, f"{cause} (after {retries + 1} tries)") from None
+                    if sent and not idempotent:
+                        raise ServerCallError(server, url, f"{cause} (not re-sent: {method} may have run)") from None
+                    raise ServerCallError(server, url, f"{cause} (after {attempt + 1} tries)") from None
             await asyncio.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_max))
         raise AssertionError("unreachable")

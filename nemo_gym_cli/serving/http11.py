@@ -2,135 +2,168 @@
 
 Why: aiohttp's client costs ~60-80 us of CPU per request, which is most of the CPU our servers
 spend per rollout (the bench/throughput.py profile). Our calls are simple: POST/GET a JSON
-body, read the whole response. This client writes the request in one call and parses the
-response with a small state machine on an asyncio Protocol: about half the cost. https:// and
-anything unusual go to aiohttp.
+body, read the whole response. This client writes the request in one call and hands the
+response to `httptools` (llhttp, as uvicorn uses): strict Content-Length and chunk sizes, 1xx
+skipped. https:// and anything unusual go to aiohttp.
 
-Errors are the usual exceptions: ConnectionRefusedError / ConnectionResetError (OSError),
-asyncio.TimeoutError, and `ProtocolError` (a ConnectionError) for a malformed response.
-A request sent on a reused idle connection that the server had closed meanwhile (keep-alive
-race: uvicorn closes idle connections after 5 s) is retried once on a new connection.
+Errors:
+- `InvalidRequest` (ValueError): a header name or value with CR, LF or NUL, or a bad target;
+  raised before anything is written.
+- `NotSent` (ConnectionError): the request never reached the server (refused, connect failed
+  or timed out): always safe to send again.
+- `ProtocolError`: the server's answer is not valid HTTP/1.1 or is larger than the cap; names
+  the server. Never a success.
+- ConnectionResetError / TimeoutError: the request went out and no complete answer came back;
+  the server may have acted on it.
+A kept-alive connection found closed when taken from the pool is never used. One that closes
+without a byte of answer after the request went out (keep-alive race) is re-sent on a new
+connection only for an idempotent call (GET, or `idempotent=True`): a POST may have run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from urllib.parse import urlsplit
 
+import httptools
 
-class ProtocolError(ConnectionError):
-    """The server sent something that is not a valid HTTP/1.1 response."""
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 30  # as large as our servers' request cap (aiohttp client_max_size)
+MAX_HEADER_BYTES = 64 * 1024
+# A connection idle longer than this is closed, not reused: uvicorn (vLLM) closes idle ones after
+# 5 s, and a request written into a connection the server is closing gets no answer.
+MAX_IDLE_S = 4.0
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_BAD_IN_HEADER = ("\r", "\n", "\0")
+
+
+class ProtocolError(Exception):
+    """The server sent something that is not a valid HTTP/1.1 response (or too large a one)."""
+
+
+class InvalidRequest(ValueError):
+    """A request that must not be written: CR/LF/NUL in a header, or a bad target."""
+
+
+class NotSent(ConnectionError):
+    """The request never reached the server: safe to send again whatever it is."""
 
 
 class StaleConnection(ConnectionResetError):
-    """A reused connection closed before any byte of the response: safe to send again."""
+    """A reused connection closed after the request was written, before any byte of an answer."""
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse header names/values that could end the header (CR, LF) or confuse a parser (NUL)."""
+    for text in (name, value):
+        if any(c in text for c in _BAD_IN_HEADER):
+            raise InvalidRequest(f"header {name!r}: CR, LF and NUL are not allowed in header names or values")
+    if not name or ":" in name or " " in name:
+        raise InvalidRequest(f"header name {name!r} is not a valid token")
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("transport", "pool", "waiter", "buffer", "status", "length", "chunked", "close_after", "reused",
-                 "header_end", "closed")
+    __slots__ = ("transport", "pool", "parser", "waiter", "body", "body_size", "head_size", "status", "framed",
+                 "headers_done", "keep_alive", "got_bytes", "closed", "reused", "idle_since", "counted")
 
     def __init__(self, pool: "_Pool"):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future | None = None
-        self.buffer = bytearray()
         self.closed = False
         self.reused = False
+        self.counted = True  # in pool.open until discarded
+        self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.head_size = 0
         self.status = 0
-        self.length = -1
-        self.chunked = False
-        self.close_after = False
-        self.header_end = -1
+        self.framed = False  # Content-Length or Transfer-Encoding seen (else the body ends at EOF)
+        self.headers_done = False
+        self.keep_alive = False
+        self.got_bytes = False
 
     # ---- asyncio.Protocol
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.waiter is None or self.waiter.done():
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            self.close()  # bytes nobody asked for: the connection is out of step
             return
+        self.got_bytes = True
         try:
-            body = self._parse()
-        except ProtocolError as e:
-            self.waiter.set_exception(e)
-            self.close()
-            return
-        if body is not None:
-            self.waiter.set_result((self.status, body))
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._fail(cause if isinstance(cause, ProtocolError) else ProtocolError(f"{self.pool.where}: {cause}"))
+        except httptools.HttpParserUpgrade:
+            self._fail(ProtocolError(f"{self.pool.where}: unexpected protocol upgrade (HTTP {self.status})"))
+        except httptools.HttpParserError as e:
+            self._fail(ProtocolError(f"{self.pool.where}: malformed HTTP response: {e}"))
+        else:
+            if not self.headers_done:
+                self.head_size += len(data)
+                if self.head_size > MAX_HEADER_BYTES:
+                    self._fail(ProtocolError(f"{self.pool.where}: response headers larger than 64 KiB"))
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self.pool.discard(self)
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        where = self.pool.where
+        if self.headers_done and not self.framed and self.status not in (204, 304):
+            waiter.set_result((self.status, b"".join(self.body)))  # a body that runs to EOF
+        elif not self.got_bytes and self.reused:
+            waiter.set_exception(StaleConnection(f"{where} closed a kept-alive connection without answering"))
+        elif not self.got_bytes:
+            waiter.set_exception(ConnectionResetError(f"{where} closed the connection without answering ({exc or 'EOF'})"))
+        else:
+            waiter.set_exception(ConnectionResetError(
+                f"{where} closed the connection mid-response: truncated after {self.body_size} body bytes"))
+
+    def _fail(self, error: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(error)
+        self.close()
+
+    # ---- httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length" or name == b"transfer-encoding":
+            self.framed = True
+            if name == b"content-length" and value.isdigit() and int(value) > self.pool.max_body:
+                raise ProtocolError(f"{self.pool.where}: response body of {int(value)} bytes is over the "
+                                    f"{self.pool.max_body}-byte cap (http_client.max_response_bytes)")
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if self.status >= 200:
+            self.headers_done = True
+            self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body_size += len(chunk)
+        if self.body_size > self.pool.max_body:
+            raise ProtocolError(f"{self.pool.where}: response body over the {self.pool.max_body}-byte cap "
+                                "(http_client.max_response_bytes)")
+        self.body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        if not self.headers_done:  # a 1xx interim answer: the real one follows
+            self.framed = False
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            if self.length == -1 and not self.chunked and self.header_end != -1 and self.status:
-                waiter.set_result((self.status, bytes(self.buffer[self.header_end:])))  # body ran to EOF
-            elif self.reused and not self.buffer:
-                waiter.set_exception(StaleConnection("server closed the idle connection"))
-            else:
-                waiter.set_exception(ConnectionResetError(f"connection closed mid-response ({exc or 'EOF'})"))
-
-    # ---- parsing
-    def _parse(self) -> bytes | None:
-        buf = self.buffer
-        if self.header_end == -1:
-            end = buf.find(b"\r\n\r\n")
-            if end == -1:
-                if len(buf) > 65536:
-                    raise ProtocolError("response headers larger than 64 KiB")
-                return None
-            self.header_end = end + 4
-            lines = bytes(buf[:end]).split(b"\r\n")
-            parts = lines[0].split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                raise ProtocolError(f"bad status line {lines[0][:80]!r}")
-            self.status = int(parts[1])
-            self.close_after = parts[0] == b"HTTP/1.0"
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    self.length = int(value)
-                elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                    self.chunked = True
-                elif name == b"connection":
-                    v = value.strip().lower()
-                    self.close_after = v == b"close" or (self.close_after and v != b"keep-alive")
-            if self.status in (204, 304) or 100 <= self.status < 200:
-                self.length = 0
-        start = self.header_end
-        if self.chunked:
-            return self._parse_chunked(start)
-        if self.length >= 0:
-            if len(buf) - start < self.length:
-                return None
-            body = bytes(buf[start:start + self.length])
-            del buf[:start + self.length]
-            return body
-        return None  # no length: the body ends when the server closes (see connection_lost)
-
-    def _parse_chunked(self, pos: int) -> bytes | None:
-        buf = self.buffer
-        chunks = []
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol == -1:
-                return None
-            size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
-            if size == 0:
-                trailer_end = buf.find(b"\r\n\r\n", eol)
-                if trailer_end == -1:
-                    return None
-                del buf[:trailer_end + 4]
-                return b"".join(chunks)
-            if len(buf) < eol + 2 + size + 2:
-                return None
-            chunks.append(bytes(buf[eol + 2:eol + 2 + size]))
-            pos = eol + 2 + size + 2
+            waiter.set_result((self.status, self.body[0] if len(self.body) == 1 else b"".join(self.body)))
 
     # ---- use
     async def roundtrip(self, request: bytes) -> tuple[int, bytes]:
@@ -146,92 +179,161 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+        self.pool.discard(self)
 
 
 class _Pool:
-    """Idle keep-alive connections to one host:port."""
+    """Keep-alive connections to one host:port, at most `limit` open at once (0: no cap)."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, limit: int, max_body: int):
+        self.host, self.port, self.limit, self.max_body = host, port, limit, max_body
+        self.where = f"{host}:{port}"
         self.idle: list[_Connection] = []
+        self.open = 0  # connections open or opening, idle or busy
+        self.waiters: deque[asyncio.Future] = deque()
         shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
         self.host_header = f"Host: {shown}:{port}\r\n".encode()
 
-    async def connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
-        return conn
-
     def take(self) -> _Connection | None:
+        """An idle connection that is still open and was used recently, or None."""
+        now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed and not conn.buffer:
+            if not conn.closed and now - conn.idle_since < MAX_IDLE_S:
                 conn.reused = True
                 return conn
             conn.close()
         return None
 
-    def give_back(self, conn: _Connection) -> None:
-        if conn.closed or conn.close_after or conn.buffer:
-            conn.close()
-        else:
-            self.idle.append(conn)
+    async def connect(self, timeout: float, uncapped: bool = False) -> _Connection:
+        """A new connection, waiting for a free slot under the cap. Raises NotSent on failure."""
+        while self.limit and self.open >= self.limit and not uncapped:
+            conn = self.take()
+            if conn is not None:
+                return conn
+            slot = asyncio.get_running_loop().create_future()
+            self.waiters.append(slot)
+            try:
+                await slot
+            except BaseException:
+                if slot.done() and not slot.cancelled():
+                    self._wake()  # pass the slot we were given on
+                raise
+        self.open += 1
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
+        except (OSError, TimeoutError) as e:
+            self.open -= 1
+            self._wake()
+            cause = "connect timed out" if isinstance(e, TimeoutError) else (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            raise NotSent(f"cannot connect to {self.where}: {cause}") from e
+        except BaseException:
+            self.open -= 1
+            self._wake()
+            raise
+        return conn
 
-    def close(self) -> None:
+    def give_back(self, conn: _Connection) -> None:
+        if conn.closed or not conn.keep_alive:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+        if self.waiters:
+            self._wake()
+
+    def discard(self, conn: _Connection) -> None:
+        """A connection closed: free its slot (once)."""
+        if conn.counted:
+            conn.counted = False
+            self.open -= 1
+            if self.waiters:
+                self._wake()
+
+    def _wake(self) -> None:
+        while self.waiters:
+            slot = self.waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+
+    def close_idle(self) -> None:
         for conn in self.idle:
             conn.close()
         self.idle.clear()
 
 
 class LeanHTTP:
-    """request(method, url, body, headers, timeout) -> (status, body bytes) over keep-alive pools."""
+    """request(method, url, body, headers, timeout) -> (status, body bytes) over keep-alive pools.
 
-    def __init__(self, connect_timeout: float = 10.0):
+    `per_host_limit` caps the open connections per host:port (0: no cap; callers over it wait
+    for one); `max_response_bytes` caps a response body.
+    """
+
+    def __init__(self, connect_timeout: float = 10.0, per_host_limit: int = 0,
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES):
         self.connect_timeout = connect_timeout
+        self.per_host_limit = per_host_limit
+        self.max_response_bytes = max_response_bytes
         self.pools: dict[tuple[str, int], _Pool] = {}
 
     def supports(self, url: str) -> bool:
         return url.startswith("http://")
 
-    async def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None,
-                      timeout: float | None = None) -> tuple[int, bytes]:
+    def build(self, method: str, url: str, body: bytes | None, headers: dict | None) -> tuple[_Pool, bytes]:
+        """The pool and the request bytes; raises InvalidRequest for what must not be written."""
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         pool = self.pools.get((host, port))
         if pool is None:
-            pool = self.pools[(host, port)] = _Pool(host, port)
+            pool = self.pools[(host, port)] = _Pool(host, port, self.per_host_limit, self.max_response_bytes)
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        if not target.isprintable() or " " in target or not method.isalpha():
+            raise InvalidRequest(f"{method} {target!r}: the method must be letters and the target printable, without spaces")
         head = [f"{method} {target} HTTP/1.1\r\n".encode(), pool.host_header]
         for name, value in (headers or {}).items():
+            value = str(value)
+            if not name.isprintable() or not value.isprintable() or ":" in name or not name:
+                check_header(name, value)
             head.append(f"{name}: {value}\r\n".encode())
         if body is not None:
             head.append(b"Content-Length: %d\r\n" % len(body))
         head.append(b"\r\n")
-        request = b"".join(head) + (body or b"")
+        return pool, b"".join(head) + (body or b"")
+
+    async def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+                      timeout: float | None = None, *, idempotent: bool | None = None,
+                      uncapped: bool = False) -> tuple[int, bytes]:
+        """`idempotent` (default: GET/HEAD/OPTIONS) allows re-sending after a keep-alive race;
+        `uncapped` opens a connection beyond the per-host cap instead of waiting (health checks)."""
+        pool, request = self.build(method, url, body, headers)
+        if idempotent is None:
+            idempotent = method in IDEMPOTENT_METHODS
         async with asyncio.timeout(timeout):
-            for _ in range(2):
+            for attempt in (1, 2):
                 conn = pool.take()
                 if conn is None:
-                    async with asyncio.timeout(self.connect_timeout):
-                        conn = await pool.connect()
+                    conn = await pool.connect(self.connect_timeout, uncapped)
                 try:
                     result = await conn.roundtrip(request)
                 except StaleConnection:
-                    # The server closed it while idle (it never saw this request); the other idle
-                    # connections are most likely closed too (idle timeout, restart): drop them all.
                     conn.close()
-                    pool.close()
-                    continue
+                    pool.close_idle()  # most likely closed too (idle timeout, restart)
+                    if idempotent and attempt == 1:
+                        continue
+                    raise
                 except BaseException:
                     conn.close()  # e.g. a timeout mid-response: the connection is unusable
                     raise
                 pool.give_back(conn)
                 return result
-            raise ConnectionResetError(f"{host}:{port} closed two connections in a row before answering")
+            raise ConnectionResetError(f"{pool.where} closed two connections in a row before answering")
 
     def close(self) -> None:
         for pool in self.pools.values():
-            pool.close()
+            pool.close_idle()
         self.pools.clear()

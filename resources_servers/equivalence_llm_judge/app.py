@@ -140,7 +140,7 @@ class EquivalenceLLMJudgeResourcesServer(SimpleResourcesServer):
         params = {**self.create_params, "input": [*system, {"role": "user", "content": prompt}]}
         try:
             async with self.judge_slots:  # judge calls are independent: no session id
-                response = await self.client.post(self.judge_server, "/v1/responses", params)
+                response = await self.client.post(self.judge_server, "/v1/responses", params, idempotent=True)
         except ServerCallError as e:
             raise HTTPError(502, f"{self.name}: judge model server '{self.judge_server}' failed: {e}", "upstream_error") from None
         text = last_message_text(response.get("output"), "assistant")

@@ -80,6 +80,9 @@ class SimpleAgent(ResponsesAPIAgent):
         params = require(body, "responses_create_params", dict, where="dataset row")
         session_id = new_session_id()  # one rollout = one session
         group = body.get("_ng_task_index")
+        if group is not None and any(c in str(group) for c in "\r\n\0"):
+            # It becomes the X-Group-ID header: a row must not be able to add headers of its own.
+            raise HTTPError(400, "dataset row: field '_ng_task_index' contains CR, LF or NUL")
         group = None if group is None else f"{self.name}:{group}"
         try:
             await self._call(self.resources_server, "/seed_session", body, session_id)
@@ -97,7 +100,7 @@ class SimpleAgent(ResponsesAPIAgent):
             return
         try:
             await self.client.post(self.model_server, "/release_session", {"session_ids": session_ids},
-                                   retry_statuses=frozenset())
+                                   retry_statuses=frozenset(), idempotent=True)
         except ServerCallError:
             pass  # best effort: the model's session table also expires idle sessions
 
@@ -106,10 +109,11 @@ class SimpleAgent(ResponsesAPIAgent):
             self._release_task.cancel()
             await self._release_batch(0)
 
-    async def _call(self, server: str, path: str, body: Any, session_id: str | None, group: str | None = None) -> Any:
+    async def _call(self, server: str, path: str, body: Any, session_id: str | None, group: str | None = None,
+                    idempotent: bool = False) -> Any:
         try:
             return await self.client.post(server, path, body, session_id=session_id,
-                                          headers={GROUP_HEADER: group} if group else None)
+                                          headers={GROUP_HEADER: group} if group else None, idempotent=idempotent)
         except ServerCallError as e:
             status = e.status if e.status and e.status >= 400 else 502
             raise HTTPError(status, f"{self.name}: {path} on {server} failed: {e.message}", e.error_type or "upstream_error") from None
@@ -123,7 +127,8 @@ class SimpleAgent(ResponsesAPIAgent):
         response: dict = {}
         step_params = params
         for step in range(1, self.step_cap + 1):
-            response = await self._call(self.model_server, "/v1/responses", {**step_params, "input": history + outputs}, session_id, group)
+            response = await self._call(self.model_server, "/v1/responses", {**step_params, "input": history + outputs},
+                                        session_id, group, idempotent=True)  # inference: safe to repeat
             turn = response.get("output") or []
             outputs.extend(turn)
             usage = _add_usage(usage, response.get("usage"))

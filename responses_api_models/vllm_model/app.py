@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nemo_gym_cli.serving import HTTPError, RequestContext, route
-from nemo_gym_cli.routing.model_server import UpstreamModel
+from nemo_gym_cli.routing.model_server import UpstreamModel, check_chat_completion
 from nemo_gym_cli.routing.upstream import UpstreamConfig
 from responses_api_models.vllm_model.conversion import (
     chat_to_response,
@@ -58,7 +58,7 @@ class VLLMModel(UpstreamModel):
         except (ValueError, TypeError, KeyError) as e:
             raise HTTPError(400, f"cannot convert the request to Chat Completions: {e}") from None
         try:
-            chat = await self.upstream.call(ctx, "/chat/completions", chat_params)
+            chat = await self.upstream.call(ctx, "/chat/completions", chat_params, check=check_chat_completion)
         except HTTPError as e:
             if is_context_length_error(e.status, e.message):
                 # The episode cannot go on, but it ended cleanly: the agent stops and verifies.
@@ -78,5 +78,11 @@ class VLLMModel(UpstreamModel):
         for key in ("tools", "chat_template_kwargs"):
             if key in chat_params:
                 request[key] = chat_params[key]
-        tokenized = await self.upstream.call(ctx, "/tokenize", request, at_root=True)
-        return list(tokenized.get("tokens") or [])
+        tokenized = await self.upstream.call(ctx, "/tokenize", request, at_root=True, check=_check_tokenized)
+        return tokenized["tokens"]
+
+
+def _check_tokenized(answer: Any) -> str | None:
+    if not isinstance(answer, dict) or not isinstance(answer.get("tokens"), list):
+        return "without a 'tokens' list"
+    return None
