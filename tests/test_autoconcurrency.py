@@ -99,6 +99,15 @@ def test_a_cut_waits_for_the_rollouts_over_it_to_drain_before_cutting_again():
     assert auto.limit.value == 36
 
 
+def test_it_does_not_raise_before_the_servers_see_the_rollouts_in_flight():
+    servers = Servers(backends=2, seqs=4)
+    auto = controller(Limit(8), servers)
+    auto.step(Signals(backends=2, running=1, waiting=0, kv_min=0.1))  # 8 in flight, 1 arrived so far
+    assert auto.limit.value == 8
+    auto.step(Signals(backends=2, running=6, waiting=0, kv_min=0.7))
+    assert auto.limit.value == 16
+
+
 def test_rising_preemptions_cut_at_once_and_stop_the_ramp():
     servers = Servers(backends=2, seqs=100)
     auto = controller(Limit(40), servers)

@@ -31,6 +31,7 @@ QUEUE_LOW_PER_BACKEND = 1.0  # below this mean queue: room to raise
 QUEUE_HIGH_PER_BACKEND = 3.0  # above this: cut towards QUEUE_TARGET_PER_BACKEND
 QUEUE_TARGET_PER_BACKEND = 1.5
 KV_FULL = 0.95
+SEEN_SHARE = 0.5  # at least this share of the rollouts in flight must be at the servers to raise
 MAX_CUT = 0.75  # never cut below 75% of the limit in one step
 TRACE_LIMIT = 2000
 
@@ -118,7 +119,10 @@ class AutoConcurrency:
             self._end_ramp()
             return current
         using_it = flight >= current * 0.9  # a run's tail (or a small dataset) does not use it
-        if self.queue > QUEUE_LOW_PER_BACKEND * n or kv_all_full or not using_it:
+        # On slow servers the requests of newly started rollouts show up late: raise only once the
+        # gauges see most of what is in flight, or a stale "no queue" would double past the knee.
+        seen = s.running + s.waiting >= SEEN_SHARE * flight
+        if self.queue > QUEUE_LOW_PER_BACKEND * n or kv_all_full or not using_it or not seen:
             return current
         step = current if self.ramping else max(1, round(current * 0.05))
         return min(self.maximum, current + step)
