@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 C.console.print(f"  round {r} {'frozen' if freeze else 'clean '}: {run['rollouts']} rollouts in "
                                 f"{run['wall_s']:.2f} s" + (f" (frozen at {run['frozen_at_rollouts']} written, "
                                                              f"{run['victim_failovers']:.0f} re-issued)" if freeze else ""))
+    C.begin_report()
     table = Table(title=f"Frozen backend: {args.rollouts} weather rollouts, concurrency {args.concurrency}, "
                         f"{args.standins} stand-ins (--latency-ms {args.latency_ms:g}), one SIGSTOPped "
                         f"{args.freeze_after_s:g} s in (median of {args.rounds})", title_justify="left")
@@ -138,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     C.console.print(C.targets_table("Target", [(f"{args.rollouts}/{args.rollouts} rollouts with one backend frozen",
                                                  f"< {BOUND_S:g} s", C.fmt(frozen, 2, " s"),
                                                  None if frozen is None else frozen < BOUND_S)]))
+    report = C.end_report()
     path = C.write_results(NAME, {"machine": C.machine_info(), "args": vars(args), "command": command,
-                                  "runs": runs, "summary_wall_s": summary})
+                                  "runs": runs, "summary_wall_s": summary, "report": report})
     C.print_footer(command, path)
     return C.exit_code()
 

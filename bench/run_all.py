@@ -1,6 +1,6 @@
 """Run every benchmark with its defaults (or --quick sizes), then print all their tables.
 
-    python bench/run_all.py                 # throughput, backend_bound, routing, memory (~10 min on 2 quiet cores)
+    python bench/run_all.py                 # throughput, backend_bound, routing, memory, frozen_backend (~10 min on 2 quiet cores)
     python bench/run_all.py --quick         # small sizes: a smoke run in ~3 min
     python bench/run_all.py --only throughput,routing
 
@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 
-BENCHMARKS = ("throughput", "backend_bound", "routing", "memory")
+BENCHMARKS = ("throughput", "backend_bound", "routing", "memory", "frozen_backend")
 QUICK = {
     "throughput": ["--rollouts", "1000", "--concurrency", "10,100", "--rounds", "1", "--warmup", "100"],
     "backend_bound": ["--rollouts", "1500", "--rounds", "1"],
     "routing": ["--rollouts", "400", "--rounds", "1"],
     "memory": ["--rows", "1000,10000", "--concurrency", "100,1000"],
+    "frozen_backend": [],  # one clean and one frozen run, about 20 s
 }
 
 

@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             g.wait_ready()
             g.names_by_pid = {}
             for name, pid in g.pids().items():
-                g.names_by_pid[pid] = "ng_run (head + all servers)" if mode_of(g) == "colocated" else (
-                    "ng_run (head)" if name == "ng_run" else name)
+                g.names_by_pid[pid] = "ng_run (head)" if name == "ng_run" else (
+                    "all servers (colocated)" if mode_of(g) == "colocated" else name)
             C.console.print(f"ng_run {g.name}: ready in {g.startup_s:.1f} s, processes: {len(g.processes())}")
         if args.warmup:
             for mode in modes:

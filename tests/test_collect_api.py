@@ -114,3 +114,26 @@ def test_collect_rollouts_from_a_plain_python_script(standins, graph, tmp_path):
     assert all(r["agent_ref"] == {"type": "responses_api_agents", "name": "simple_weather_simple_agent"} for r in ok)
     failed = [r for r in results if "error" in r]  # yielded, not raised
     assert len(failed) == 2 and all(r["_ng_task_index"] == 6 and r["status"] == 404 and "nope" in r["error"] for r in failed)
+
+
+async def test_leaving_the_loop_early_cancels_the_rollouts_in_flight(standins, graph, tmp_path):
+    from nemo_gym_cli import collect_rollouts
+
+    backend, = standins(1, "--latency-ms", "200")
+    g = graph([VLLM_MODEL, WEATHER], env=weather_env([backend]))
+    rows = ({"responses_create_params": {"input": f"weather in city {i}?"}} for i in range(1000))
+    taken = 0
+    stream = collect_rollouts(rows, head_url=g.head, concurrency=20, agent_name="simple_weather_simple_agent")
+    async for result in stream:
+        taken += 1
+        if taken == 3:
+            break
+    await stream.aclose()
+    # nothing goes on behind our back: the backend goes idle, having served only the rollouts
+    # taken and the ones in flight when we left (two model turns each)
+    for _ in range(400):
+        if backend.metric("vllm:num_requests_running") == 0:
+            break
+        await asyncio.sleep(0.05)  # polling the backend, not synchronising with it
+    assert backend.metric("vllm:num_requests_running") == 0
+    assert backend.stats()["requests"] <= 2 * (taken + 20 + 1)

@@ -56,6 +56,15 @@ async def test_1xx_answers_are_skipped(raw):
     http.close()
 
 
+async def test_bytes_after_an_answer_retire_the_connection(raw):
+    server = raw(lambda *_: OK + b"HTTP/1.1 200 OK\r\nContent-Le")  # an answer, then the start of another
+    http = LeanHTTP()
+    for _ in range(3):
+        assert await http.request("GET", server.url + "/x", timeout=5) == (200, b'{"ok": true}')
+    assert len(server.requests) == 3 and not next(iter(http.pools.values())).idle
+    http.close()
+
+
 async def test_a_truncated_body_is_an_error_not_a_short_success(raw):
     # 12 of the 100 announced bytes, then the server closes the connection.
     server = raw(lambda *_: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n" + b'{"partial": ')

@@ -27,6 +27,7 @@ class FakeVLLM:
     def __init__(self, name: str, delay: float = 0.0) -> None:
         self.name = name
         self.delay = delay
+        self.health_delay = 0.0
         self.hits: list[str | None] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -50,6 +51,7 @@ class FakeVLLM:
             await runner.cleanup()
 
     async def _health(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.health_delay)  # a frozen server: its /health never answers in time
         return web.Response(text="ok")
 
     async def _chat(self, request: web.Request) -> web.Response:
@@ -478,3 +480,45 @@ async def test_metrics_expose_every_series(vllms, client, make_router):
     assert json.loads(json.dumps(snap)) == snap
     assert sum(b["requests"]["ok"] for b in snap["backends"]) == 3
     assert snap["sessions"] == 3 == sum(b["sessions"] for b in snap["backends"])
+
+
+# -- active health checks --------------------------------------------------------------------
+
+
+async def test_health_checks_cut_off_a_frozen_backend_and_reissue_its_calls(vllms, client, make_router):
+    router = make_router(health_interval_s=0.05, health_timeout_s=0.5, health_failures=3, probe_interval_s=0.05)
+    victim = vllms[0]
+    router.start()
+    assert all(b.probe_task is not None for b in router.backends)
+    victim.delay = 30.0  # its generations never finish...
+    stuck = [asyncio.create_task(turn(router, client, f"s{i}")) for i in range(6)]
+    await until(lambda: backend_state(router, victim)["in_flight"] >= 1)
+    victim.health_delay = 30.0  # ...and now its /health stops answering too: frozen
+    placed = await asyncio.wait_for(asyncio.gather(*stuck), 10)
+    assert victim.name not in placed
+    state = backend_state(router, victim)
+    assert state["healthy"] is False and "GET /health: timed out (3 checks in a row)" in state["down_reason"]
+    assert state["in_flight"] == 0 and state["failovers"] >= 1
+
+    # a caller's own cancellation stays a cancellation (not a failover)
+    victim.health_delay = 0.0
+    await until(lambda: backend_state(router, victim)["healthy"], timeout=5)
+    vllms[1].delay = vllms[2].delay = 30.0
+    mine = asyncio.create_task(turn(router, client, "cancel-me"))
+    await until(lambda: sum(b.in_flight for b in router.backends) == 1)
+    before = sum(b["failovers"] for b in router.snapshot()["backends"])
+    mine.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await mine
+    assert sum(b["failovers"] for b in router.snapshot()["backends"]) == before
+    assert sum(b.in_flight for b in router.backends) == 0
+
+
+async def test_a_slow_backend_with_a_live_health_endpoint_is_never_cut_off(vllms, client, make_router):
+    router = make_router(health_interval_s=0.02, health_timeout_s=1.0, health_failures=3)
+    for v in vllms:
+        v.delay = 2.0  # a hundred health checks' worth per call
+    placed = await asyncio.wait_for(asyncio.gather(*(turn(router, client, f"s{i}") for i in range(6))), 10)
+    assert sorted(placed) == sorted(v.name for v in vllms for _ in range(2))
+    snap = router.snapshot()["backends"]
+    assert all(b["healthy"] and b["failovers"] == 0 and b["requests"]["ok"] == 2 for b in snap)

@@ -52,8 +52,8 @@ def test_an_episode_calls_the_tool_and_answers(scripted):
     status, response = http_json(g.url("simple_weather_simple_agent") + "/v1/responses", ask("Weather in Paris?"),
                                  headers={"X-Session-ID": "episode-1"})
     assert status == 200, response
-    assert output_types(response) == ["message", "function_call", "function_call_output", "message"]
-    call, result, answer = response["output"][1:]
+    assert output_types(response) == ["function_call", "function_call_output", "message"]
+    call, result, answer = response["output"]
     assert result["call_id"] == call["call_id"]
     assert json.loads(result["output"]) == {"city": "San Francisco", "weather_description": "The weather in San Francisco is cold."}
     assert answer["content"][0]["text"].startswith("Based on the tool result")
@@ -108,8 +108,8 @@ def test_run_seeds_runs_verifies_and_releases_the_session(standins, graph, tmp_p
         assert result["reward"] == 0.5
         assert result["extra_key"] == "kept" and result["verify_saw_extra"] == "kept"
         assert result["seed_saw"]["extra_key"] == "kept"  # the whole row reached /seed_session
-        assert output_types(result["response"]) == ["message", "function_call", "function_call_output", "message"]
-        assert json.loads(result["response"]["output"][2]["output"])["seeded"] is True  # same session for the tool
+        assert output_types(result["response"]) == ["function_call", "function_call_output", "message"]
+        assert json.loads(result["response"]["output"][1]["output"])["seeded"] is True  # same session for the tool
     # every rollout was one session on one backend; all four are repeats of one prompt (task 3)
     sessions = {**backends[0].sessions(), **backends[1].sessions()}
     assert len(sessions) == 4 and set(sessions.values()) == {2}
@@ -130,7 +130,7 @@ def test_reset_tool_choice_turns_a_forced_first_call_into_one_call(standins, gra
     g = graph([VLLM_MODEL, WEATHER], env=weather_env([backend]), args=[f"++{AGENT_CFG}.reset_tool_choice=true"])
     status, response = http_json(g.url("simple_weather_simple_agent") + "/v1/responses", {**ask("hi"), "tool_choice": "required"})
     assert status == 200, response
-    assert output_types(response) == ["message", "function_call", "function_call_output", "message"]
+    assert output_types(response) == ["function_call", "function_call_output", "message"]
 
 
 @pytest.mark.parametrize("index", ["7\r\nX-Session-ID: injected-by-row", "7\nX-Session-ID: injected-by-row", "7\x00"])

@@ -321,7 +321,7 @@ def test_reasoning_from_vllm_field_comes_first(field):
 def test_unterminated_think_is_all_reasoning():
     output = chat_to_response_output(chat_completion({"content": "<think>still thinking when cut"}, "length"))
     assert output[0]["summary"] == [{"type": "summary_text", "text": "still thinking when cut"}]
-    assert output[1]["content"][0]["text"] == ""
+    assert len(output) == 1  # no text: no empty message after the reasoning
     assert split_think("a<think>b</think>c<think>d") == (["b", "d"], "ac")
 
 
@@ -340,7 +340,7 @@ def test_empty_content_still_yields_a_message_item(message):
     assert output[0]["content"] == [{"type": "output_text", "text": "", "annotations": []}]
 
 
-def test_tool_calls_become_function_call_items_after_the_message():
+def test_tool_calls_become_function_call_items():
     message = {
         "content": None,
         "tool_calls": [
@@ -349,12 +349,10 @@ def test_tool_calls_become_function_call_items_after_the_message():
         ],
     }
     output = chat_to_response_output(chat_completion(message, "tool_calls"), id_factory=counting_ids())
-    assert output == [
-        {"type": "message", "id": "msg_0", "role": "assistant", "status": "completed",
-         "content": [{"type": "output_text", "text": "", "annotations": []}]},
-        {"type": "function_call", "id": "fc_1", "call_id": "chatcmpl-tool-1", "name": "get_weather",
+    assert output == [  # no text: no message item before the calls
+        {"type": "function_call", "id": "fc_0", "call_id": "chatcmpl-tool-1", "name": "get_weather",
          "arguments": '{"city":"Paris"}', "status": "completed"},
-        {"type": "function_call", "id": "fc_2", "call_id": "chatcmpl-tool-2", "name": "get_weather",
+        {"type": "function_call", "id": "fc_1", "call_id": "chatcmpl-tool-2", "name": "get_weather",
          "arguments": '{"city":"Rome"}', "status": "completed"},
     ]
 
@@ -491,8 +489,8 @@ def test_full_response_parses_with_the_openai_sdk():
     assert response["id"].startswith("resp_") and response["object"] == "response"
     assert response["created_at"] == 1700000000 and response["model"] == MODEL
     assert parsed.status == "completed" and parsed.incomplete_details is None and parsed.error is None
-    assert [item.type for item in parsed.output] == ["reasoning", "message", "function_call"]
-    assert parsed.output[2].call_id == "call_9"
+    assert [item.type for item in parsed.output] == ["reasoning", "function_call"]  # no empty message
+    assert parsed.output[1].call_id == "call_9"
     assert parsed.usage.input_tokens == 12 and parsed.usage.output_tokens == 5 and parsed.usage.total_tokens == 17
     assert parsed.usage.input_tokens_details.cached_tokens == 8
     assert parsed.usage.output_tokens_details.reasoning_tokens == 0
@@ -529,7 +527,7 @@ def test_finish_reason_length_is_incomplete():
     parsed = validate(response)
     assert parsed.status == "incomplete"
     assert response["incomplete_details"] == {"reason": "max_output_tokens"}
-    assert [item["type"] for item in response["output"]] == ["reasoning", "message"]
+    assert [item["type"] for item in response["output"]] == ["reasoning"]
 
 
 def test_incomplete_response_for_context_overflow():
@@ -558,3 +556,31 @@ def test_incomplete_response_for_context_overflow():
 )
 def test_is_context_length_error(status, body, expected):
     assert is_context_length_error(status, body) is expected
+
+
+# NeMo Gym's output rule: a message item only when the turn has text, or when nothing else
+# would be emitted; a turn that is only tool calls is [reasoning] function_call...
+@pytest.mark.parametrize("message, kinds", [
+    ({"content": None, "tool_calls": [tool_call("c1", "{}"), tool_call("c2", "{}")]}, ["function_call", "function_call"]),
+    ({"content": "", "tool_calls": [tool_call("c1", "{}")]}, ["function_call"]),
+    ({"content": "<think>plan</think>", "tool_calls": [tool_call("c1", "{}")]}, ["reasoning", "function_call"]),
+    ({"content": None, "reasoning": "plan", "tool_calls": [tool_call("c1", "{}")]}, ["reasoning", "function_call"]),
+    ({"content": "Let me check.", "tool_calls": [tool_call("c1", "{}")]}, ["message", "function_call"]),
+    ({"content": "<think>plan</think>Let me check.", "tool_calls": [tool_call("c1", "{}")]}, ["reasoning", "message", "function_call"]),
+    ({"content": "<think>only thoughts</think>"}, ["reasoning"]),
+    ({"content": ""}, ["message"]),  # nothing else: one empty message, so the output is never empty
+    ({"content": None}, ["message"]),
+])
+def test_a_message_item_only_when_there_is_text_or_nothing_else(message, kinds):
+    output = chat_to_response_output(chat_completion(message, "tool_calls" if message.get("tool_calls") else "stop"))
+    assert [item["type"] for item in output] == kinds
+    assert all(item["content"][0]["text"] for item in output if item["type"] == "message" and len(output) > 1)
+
+
+def test_token_ids_ride_on_the_last_item_of_a_tool_only_turn():
+    logprobs = {"content": [{"token": "token_id:5", "logprob": -0.1, "bytes": None, "top_logprobs": []}]}
+    output = chat_to_response_output(chat_completion({"content": None, "tool_calls": [tool_call("c1", "{}")]}, "tool_calls",
+                                                     logprobs=logprobs),
+                                     return_token_id_information=True, prompt_token_ids=[1, 2])
+    assert [item["type"] for item in output] == ["function_call"]
+    assert output[0]["generation_token_ids"] == [5] and output[0]["prompt_token_ids"] == [1, 2]

@@ -1,4 +1,4 @@
-"""Console scripts: ng_run, ng_collect_rollouts, ng_status, ng_dump_config.
+"""Console scripts: ng_run, ng_collect_rollouts, ng_reverify, ng_status, ng_dump_config.
 
 Arguments use Hydra's override grammar (`+key=value`, `++key=value`, `"+config_paths=[a,b]"`).
 A config problem is reported in full with exit code 2, never as a traceback.
@@ -48,6 +48,10 @@ def _args(command: str) -> list[str]:
             from nemo_gym_cli.collect.cli import HELP as collect_help
 
             print(collect_help)
+        elif command == "ng_reverify":
+            from nemo_gym_cli.collect.reverify import HELP as reverify_help
+
+            print(reverify_help)
         else:
             print(HELP[command])
         sys.exit(0)
@@ -100,3 +104,10 @@ def ng_collect_rollouts() -> None:
     from nemo_gym_cli.collect.cli import collect
 
     _main("ng_collect_rollouts", lambda c: run_async(collect(c)), strict_cli=True, validate=False)
+
+
+def ng_reverify() -> None:
+    from nemo_gym_cli.collect.cli import collect
+    from nemo_gym_cli.collect.reverify import Reverifier
+
+    _main("ng_reverify", lambda c: run_async(collect(c, Reverifier)), strict_cli=True, validate=False)

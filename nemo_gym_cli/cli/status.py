@@ -71,12 +71,13 @@ def _num(value, fmt: str = "{:g}") -> str:
 
 def servers_table(snap: Snapshot, head: str) -> Table:
     table = Table(title=f"head server {head}")
-    for col in ("name", "type", "impl", "url", "pid", "state", "answers"):
+    for col in ("name", "type", "impl", "url", "pid", "state", "restarts", "answers"):
         table.add_column(col)
     for s, why in zip(snap.servers, snap.answers):
         answer = Text("up", style="green") if why is None else Text(f"down ({why})", style="red")
-        table.add_row(Text(s["name"]), s["server_type"], Text(s["impl"]), Text(s.get("url") or DASH),
-                      str(s.get("pid") or DASH), s["state"], answer)
+        name = s["name"] if not s.get("replica") else f"{s['name']}#{s['replica']}"
+        table.add_row(Text(name), s["server_type"], Text(s["impl"]), Text(s.get("url") or DASH),
+                      str(s.get("pid") or DASH), s["state"], str(s.get("restarts", 0)), answer)
     return table
 
 

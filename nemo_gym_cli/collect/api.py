@@ -15,6 +15,7 @@ causes (other 4xx: a bad row, an unknown agent) is not. A failed rollout is yiel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from nemo_gym_cli.config import head_url as default_head_url
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 
 MODEL_TYPE = "responses_api_models"
-RETRY_BACKOFF_S = 0.5  # first retry after up to this long (full jitter), doubling, capped at 8 s
+RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
 
 
 def retryable(status: int | None) -> bool:
@@ -221,8 +222,9 @@ async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
             models = [s["url"] for s in await client.servers() if s.get("server_type") == MODEL_TYPE and s.get("url")]
             controller = AutoConcurrency(limit, adapters_reader(client, models), run.in_flight, maximum=concurrency_max)
             controller.start()
-        async for outcome in run:
-            yield outcome.as_dict()
+        async with contextlib.aclosing(run.__aiter__()) as outcomes:  # leaving early cancels what is in flight
+            async for outcome in outcomes:
+                yield outcome.as_dict()
     finally:
         if controller is not None:
             await controller.stop()

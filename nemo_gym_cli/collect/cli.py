@@ -7,6 +7,7 @@ files, resume, signals, the progress bar and the summary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
-from nemo_gym_cli.collect.api import Outcome, RolloutRun, list_agents
+from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, list_agents
 from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.collect.publish import ProgressPublisher
@@ -78,7 +79,10 @@ def positive_int(config: dict, key: str, allow_zero: bool = False) -> int:
 
 
 class Collector:
+    """ng_collect_rollouts; ng_reverify (reverify.py) is the same run with other jobs and call."""
+
     command = "ng_collect_rollouts"
+    call = None  # one attempt of a job (None: the agent's /run, collect.api.run_agent)
 
     def __init__(self, composed: Composed):
         self.config = cfg = composed.config
@@ -159,6 +163,9 @@ class Collector:
         self.fail_fd = os.open(self.failures_path, flags | os.O_TRUNC, 0o644)
         return done, failed
 
+    async def prepare(self, agents: set[str]) -> None:
+        """Setup a subclass needs once the graph's agents are known."""
+
     def jobs(self, done: set, failed: dict, skipped: list[int]):
         jobs = J.iter_file(self.input, self.rows_limit, self.repeats, self.agent, self.params)
         return J.for_resume(jobs, done, failed, self.max_attempts, skipped)
@@ -175,13 +182,14 @@ class Collector:
     async def run(self) -> int:
         agents = await self.check_agents()
         self.stats.thresholds = await self.pass_thresholds(agents)
+        await self.prepare(agents)
         models = await model_servers(self.client)
         backends_before = await backend_counts(self.client, models)
         done, failed = self.open_outputs()
         skipped = [0]
         self.run_ = run = RolloutRun(self.jobs(done, failed, skipped), self.client, self.limit,
-                                     max_attempts=self.max_attempts, agents=agents,
-                                     backoff_s=float(self.config.get("retry_backoff_s", 0.5)))
+                                     max_attempts=self.max_attempts, agents=agents, call=self.call,
+                                     backoff_s=float(self.config.get("retry_backoff_s", RETRY_BACKOFF_S)))
         self.total_rollouts = self.total(done)
         progress = self._progress(self.total_rollouts)
         if self.auto_max:
@@ -194,10 +202,11 @@ class Collector:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
         try:
-            async for outcome in run:
-                self._write(outcome)
-                if progress is not None:
-                    self._tick(progress)
+            async with contextlib.aclosing(run.__aiter__()) as outcomes:
+                async for outcome in outcomes:
+                    self._write(outcome)
+                    if progress is not None:
+                        self._tick(progress)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -223,7 +232,7 @@ class Collector:
             return
         self.stats.add_failure(job.agent)
         os.write(self.fail_fd, orjson.dumps(outcome.failure_record()) + b"\n")
-        if job.line is not None and job.status == 400 and not job.exhausted and job.rollout == 0:
+        if job.line is not None and job.status == 400 and not job.exhausted and job.rollout <= 0:
             self.console.print(f"skipped: {outcome.error}", style="yellow", markup=False)
 
     def _on_signal(self) -> None:
@@ -264,13 +273,13 @@ class Collector:
                                      + f"failed={self.stats.failed} retries={retries}", refresh=False)
 
 
-async def collect(composed: Composed) -> int:
+async def collect(composed: Composed, kind: type[Collector] = Collector) -> int:
     collector = None
     try:
-        collector = Collector(composed)
+        collector = kind(composed)
         return await collector.run()
     except SetupError as e:
-        make_console(stderr=True).print(f"ng_collect_rollouts: {e}", markup=False)
+        make_console(stderr=True).print(f"{kind.command}: {e}", markup=False)
         return 2
     finally:
         if collector is not None:

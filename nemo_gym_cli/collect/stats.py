@@ -40,7 +40,7 @@ def numeric_fields(result: dict):
 
 @dataclass
 class AgentStats:
-    repeats: int
+    repeats: int | None  # None: unknown (re-verifying stored rollouts): groups complete at the end
     threshold: float = 1.0
     rollouts: int = 0
     failures: int = 0
@@ -49,16 +49,18 @@ class AgentStats:
     groups: dict[int, list[int]] = field(default_factory=dict)  # task -> [n, passed], until complete
     pass_sums: dict[int, float] = field(default_factory=dict)
     pass_tasks: dict[int, int] = field(default_factory=dict)
+    most: int = 0  # the most rollouts seen for one task
 
     def add_reward(self, task: int, reward: float | None) -> None:
         group = self.groups.setdefault(task, [0, 0])
         group[0] += 1
         group[1] += int(reward is not None and reward >= self.threshold)
-        if group[0] >= self.repeats:
+        self.most = max(self.most, group[0])
+        if self.repeats is not None and group[0] >= self.repeats:
             self._fold(*self.groups.pop(task))
 
     def _fold(self, n: int, passed: int) -> None:
-        for k in ks_for(self.repeats):
+        for k in ks_for(self.repeats or self.most):
             if n >= k:
                 self.pass_sums[k] = self.pass_sums.get(k, 0.0) + pass_at_k(n, passed, k)
                 self.pass_tasks[k] = self.pass_tasks.get(k, 0) + 1
@@ -69,7 +71,7 @@ class AgentStats:
         return {
             "rollouts": self.rollouts,
             "failures": self.failures,
-            "repeats": self.repeats,
+            "repeats": self.repeats or self.most,
             "means": {k: round(self.sums[k] / self.counts[k], 6) for k in sorted(self.sums)},
             "pass@k": {str(k): round(self.pass_sums[k] / self.pass_tasks[k], 6) for k in sorted(self.pass_sums)},
         }

@@ -13,6 +13,7 @@ import yaml
 from nemo_gym_cli.config.paths import CONF_DIR, search_roots
 
 SERVER_TYPES = ("responses_api_models", "resources_servers", "responses_api_agents")
+RESTART_POLICIES = ("on-failure", "never")
 
 
 @dataclass
@@ -31,6 +32,17 @@ class ServerSpec:
     @property
     def module(self) -> str:
         return f"{self.server_type}.{self.impl}.{Path(self.config.get('entrypoint', 'app.py')).stem}"
+
+    @property
+    def replicas(self) -> int:
+        """How many processes serve this instance (`replicas: N`, default 1; checked by validate_servers)."""
+        value = self.config.get("replicas", 1)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+    @property
+    def restart(self) -> str:
+        """`on-failure` (default): ng_run restarts it when it crashes; `never`: a crash stops the graph."""
+        return str(self.config.get("restart", "on-failure"))
 
 
 def _looks_like_server(value: Any) -> bool:
@@ -108,6 +120,7 @@ def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = N
             problems.append(f"{where}: '{key}': missing 'entrypoint' (e.g. entrypoint: app.py)")
         elif not (folder / str(spec.config["entrypoint"])).is_file():
             problems.append(f"{where}: '{key}.entrypoint': file '{folder / str(spec.config['entrypoint'])}' not found")
+        problems.extend(_check_scaling(config, spec, where, key))
         for path, ref_type, ref_name in _iter_refs(spec.config, key):
             target = specs.get(ref_name)
             if target is not None and target.server_type == ref_type:
@@ -122,6 +135,23 @@ def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = N
             else:
                 msg += f" (defined {ref_type} servers: {', '.join(same_type) or 'none'}; did you forget a config path?)"
             problems.append(msg)
+    return problems
+
+
+def _check_scaling(config: dict, spec: ServerSpec, where: str, key: str) -> list[str]:
+    """`replicas` and `restart` of one instance."""
+    problems = []
+    replicas = spec.config.get("replicas", 1)
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        problems.append(f"{where}: '{key}.replicas' must be an integer >= 1, got {replicas!r}")
+    elif replicas > 1 and config.get("colocate"):
+        problems.append(f"{where}: '{key}.replicas' is {replicas}, but +colocate=true runs every server once, in one "
+                        f"process: drop +colocate=true to run replicas (one process each), or set replicas: 1")
+    elif replicas > 1 and spec.config.get("port"):
+        problems.append(f"{where}: '{key}.port' is {spec.config['port']}, but its {replicas} replicas cannot share one "
+                        f"port: remove 'port' (each replica binds a free one and registers it)")
+    if spec.restart not in RESTART_POLICIES:
+        problems.append(f"{where}: '{key}.restart' must be one of {', '.join(RESTART_POLICIES)}, got {spec.config.get('restart')!r}")
     return problems
 
 

@@ -13,6 +13,9 @@ from nemo_gym_cli.config import ServerSpec
 from nemo_gym_cli.config.typed import config_problems as typed_config_problems
 from nemo_gym_cli.serving.base import BaseServer
 
+# `python -m nemo_gym_cli.graph.child CONFIG_JSON --colocated`: every server in that one process.
+COLOCATED_ARG = "--colocated"
+
 
 def load_server_class(spec: ServerSpec) -> type[BaseServer]:
     """The BaseServer subclass defined in `<server_type>/<impl>/<entrypoint>`."""

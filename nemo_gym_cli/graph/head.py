@@ -1,12 +1,15 @@
 """The head server: the registry of the graph, living in the ng_run process.
 
-Children bind their own port and register `{name, url, pid}` here (no bind-then-close port
-race); clients resolve names through `GET /servers`. `GET /config` shows the resolved config
+Every replica of every server binds its own port and registers `{name, url, pid, replica,
+node}` here (no bind-then-close port race); clients resolve names through `GET /servers`,
+one entry per replica. A replica that exits loses its url until it registers again; a
+restart (counted in `restarts`) keeps its entry. `GET /config` shows the resolved config
 with secrets masked. It is one of our servers: same routing, JSON errors and /metrics.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -16,15 +19,18 @@ from nemo_gym_cli.graph.collections import CollectionsBoard
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
+SERVING = ("registered", "ready")  # states in which a replica's url answers
+
 
 class HeadServer(BaseServer):
     def __init__(self, config: dict, specs: dict[str, ServerSpec]):
         super().__init__("head server", {}, global_config=config)
         self.masked_config = mask_secrets(config)
         self.started_at = time.time()
-        self.servers: dict[str, dict] = {
-            name: {"name": name, "server_type": s.server_type, "impl": s.impl, "url": None, "pid": None, "state": "starting"}
-            for name, s in specs.items()
+        self.servers: dict[tuple[str, int], dict] = {
+            (name, r): {"name": name, "server_type": s.server_type, "impl": s.impl, "replica": r, "url": None,
+                        "pid": None, "node": None, "state": "starting", "restarts": 0}
+            for name, s in specs.items() for r in range(s.replicas)
         }
         self.running: RunningServer | None = None
         self.collections = CollectionsBoard()  # progress of running ng_collect_rollouts
@@ -39,18 +45,36 @@ class HeadServer(BaseServer):
         if self.running is not None:
             await self.running.stop()
 
-    def register(self, name: str, url: str, pid: int) -> None:
-        entry = self.servers.get(name)
-        if entry is None:
-            raise KeyError(name)
-        entry.update(url=url, pid=pid, state="registered")
+    def entry(self, name: str, replica: int = 0) -> dict:
+        return self.servers[(name, replica)]
 
-    def set_state(self, name: str, state: str) -> None:
-        self.servers[name]["state"] = state
+    def register(self, name: str, url: str, pid: int, replica: int = 0, node: str | None = None) -> dict:
+        entry = self.servers.get((name, replica))
+        if entry is None:
+            raise KeyError(f"{name} replica {replica}")
+        restarted = entry["state"] == "restarting"
+        if not restarted and entry["pid"] not in (None, pid):
+            # Restarted by someone else (e.g. Ray restarts its actors): count it here.
+            entry["restarts"] += 1
+            restarted = True
+        # A first registration becomes "ready" once ng_run's /health probe answers; a restarted
+        # replica registers only once it serves, so it is ready at once.
+        entry.update(url=url, pid=pid, node=node or socket.gethostname(), state="ready" if restarted else "registered")
+        return entry
+
+    def set_state(self, name: str, replica: int, state: str) -> None:
+        entry = self.servers[(name, replica)]
+        entry["state"] = state
+        if state not in SERVING:
+            entry["url"] = None  # clients must not pick a replica that is not there
+
+    def mark_restarting(self, name: str, replica: int) -> None:
+        self.set_state(name, replica, "restarting")
+        self.servers[(name, replica)]["restarts"] += 1
 
     @route("/health", "GET")
     async def health(self, body: Any, ctx: RequestContext) -> Any:
-        return {"status": "ok", "servers": len(self.servers)}
+        return {"status": "ok", "servers": len({name for name, _ in self.servers})}
 
     @route("/servers", "GET")
     async def list_servers(self, body: Any, ctx: RequestContext) -> Any:
@@ -63,9 +87,12 @@ class HeadServer(BaseServer):
     @route("/register")
     async def register_server(self, body: Any, ctx: RequestContext) -> Any:
         try:
-            self.register(str(body["name"]), str(body["url"]), int(body.get("pid") or 0))
-        except (KeyError, TypeError, ValueError) as e:
-            raise HTTPError(400, f"bad registration ({type(e).__name__}: {e}); expected {{name, url, pid}} of a configured server") from None
+            node = body.get("node")
+            self.register(str(body["name"]), str(body["url"]), int(body.get("pid") or 0), int(body.get("replica") or 0),
+                          str(node) if node else None)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise HTTPError(400, f"bad registration ({type(e).__name__}: {e}); expected {{name, url, pid, replica, node}} "
+                                 f"of a configured server replica") from None
         return {}
 
     @route("/collections/progress")

@@ -1,78 +1,53 @@
-"""ng_run: start the head server and every server of the graph, watch them, stop them cleanly.
+"""ng_run: start the head server and every server of the graph, keep them up, stop them cleanly.
 
-Default: one process per server instance (a crash in one environment does not take the
-others down), all from this Python environment. `+colocate=true`: every server in this
-process, each on its own port, calling each other without HTTP (local dispatch).
+Default: one process per server replica (`replicas: N`, default 1; a crash in one environment
+does not take the others down), all from this Python environment. `+colocate=true`: every
+server in one child process, each on its own port, calling each other without HTTP (local
+dispatch). Either way the head server stays in this process, so clients never lose it, and a
+process that crashes is restarted (per instance `restart: on-failure`, the default, or `never`:
+a crash stops the graph), with backoff; a restart storm stops the graph with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import ctypes
 import os
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import orjson
-
 from rich.table import Table
 
-from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
-from nemo_gym_cli.graph.build import RunningServer, bind_address, build_server, serve
+from nemo_gym_cli.graph import ray_runner
+from nemo_gym_cli.graph.build import COLOCATED_ARG
 from nemo_gym_cli.graph.head import HeadServer
 from nemo_gym_cli.graph.preflight import backends_table, preflight_models
-from nemo_gym_cli.serving.logs import ScrubbingStream, make_console, scrub
+from nemo_gym_cli.graph.processes import LocalProcess
+from nemo_gym_cli.graph.supervisor import ReplicaRunner, RestartPolicy, Supervisor
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.logs import make_console, scrub
 
 console = make_console(stderr=True)
-LAST_LINES = 40
 
-
-def _die_with_parent() -> None:
-    """Child side of fork: get SIGTERM if ng_run itself dies (even by SIGKILL). Linux only."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class Child:
-    """One server process: its output is prefixed with its name and its last lines kept."""
-
-    def __init__(self, spec: ServerSpec, proc: asyncio.subprocess.Process, secrets: set[str], log_file):
-        self.spec, self.proc, self.secrets, self.log_file = spec, proc, secrets, log_file
-        self.last_lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
-        self.pump = asyncio.create_task(self._pump())
-
-    async def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        prefix = f"[{self.spec.name}] "
-        while True:
-            line = await self.proc.stdout.readline()
-            if not line:
-                return
-            text = scrub(line.decode(errors="replace").rstrip("\n"), self.secrets)
-            self.last_lines.append(text)
-            sys.stderr.write(prefix + text + "\n")
-            if self.log_file:
-                self.log_file.write(text + "\n")
-                self.log_file.flush()
+# (config file for children, spec, replica) -> the runner of that replica; see supervisor.py.
+RunnerFactory = Callable[[Path, ServerSpec, int], ReplicaRunner]
 
 
 class Launcher:
-    def __init__(self, composed: Composed):
+    def __init__(self, composed: Composed, runner_factory: RunnerFactory | None = None):
         self.composed = composed
         self.config = composed.config
         self.specs = composed.servers
         self.secrets = secret_values(self.config)
         self.head = HeadServer(self.config, self.specs)
-        self.children: dict[str, Child] = {}
-        self.colocated: list[RunningServer] = []
-        self.client: ServerClient | None = None
+        self.runner_factory = runner_factory or self._local_process
+        self.supervisors: list[Supervisor] = []
+        self.tasks: dict[asyncio.Task, Supervisor] = {}
         self.stop_event = asyncio.Event()
         self.exit_code = 0
         self.backend_reports: dict[str, dict] = {}
@@ -93,19 +68,17 @@ class Launcher:
         try:
             if not self.specs:
                 console.print("[yellow]ng_run: the config defines no servers (did you pass +config_paths=[...]?)[/yellow]")
-            if self.config.get("colocate"):
-                await self._start_colocated()
-            else:
-                await self._start_processes()
+            self._start_supervisors()
             ready = await self._wait_ready(float(self.config.get("ready_timeout_s", 60)))
             if ready and self.config.get("preflight", True) is not False:
                 ready = await self._preflight()
             if ready:
                 self._print_table(time.monotonic() - t0)
+                for supervisor in self.supervisors:
+                    supervisor.graph_ready = True
                 await self._watch()
-        except Exception as e:  # a server that cannot start in colocate mode, etc.
-            message = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
-            console.print(f"ng_run: {scrub(message, self.secrets)}", style="red", markup=False)
+        except Exception as e:  # e.g. a runner that cannot launch at all
+            console.print(f"ng_run: {scrub(f'{type(e).__name__}: {e}', self.secrets)}", style="red", markup=False)
             self.exit_code = 1
         finally:
             await self._stop_all()
@@ -117,79 +90,68 @@ class Launcher:
         self.stop_event.set()
 
     # ------------------------------------------------------------ start
-    async def _start_processes(self) -> None:
+    def _start_supervisors(self) -> None:
         config_file = Path(self.tmpdir.name) / "config.json"
         # The resolved config (with secrets) goes to children through a file only we can read.
         fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(orjson.dumps(self._config_for_children()))
-        log_dir = self.config.get("log_dir")
-        if log_dir:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name, spec in self.specs.items():
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nemo_gym_cli.graph.child", str(config_file), name,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-                env=env, start_new_session=True, preexec_fn=_die_with_parent,
-            )
-            log_file = open(Path(log_dir) / f"{name}.log", "a") if log_dir else None
-            self.children[name] = Child(spec, proc, self.secrets, log_file)
+        if self.config.get("log_dir"):
+            Path(self.config["log_dir"]).mkdir(parents=True, exist_ok=True)
+        if self.config.get("colocate"):
+            # One process for all: restart it unless an instance says never (its crash is everyone's).
+            runner: ReplicaRunner = LocalProcess("colocated", [(n, 0) for n in self.specs], [str(config_file), COLOCATED_ARG],
+                                                 self.secrets, self.config.get("log_dir"))
+            never = any(s.restart == "never" for s in self.specs.values())
+            self._supervise(runner, None if never else RestartPolicy.from_config(self.config))
+            return
+        for spec in self.specs.values():
+            for replica in range(spec.replicas):
+                policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
+                self._supervise(self.runner_factory(config_file, spec, replica), policy)
+
+    def _supervise(self, runner: ReplicaRunner, policy: RestartPolicy | None) -> None:
+        supervisor = Supervisor(runner, self.head, policy, lambda text: console.print(text, style="yellow", markup=False))
+        self.supervisors.append(supervisor)
+        self.tasks[asyncio.create_task(supervisor.run())] = supervisor
+
+    def _local_process(self, config_file: Path, spec: ServerSpec, replica: int) -> ReplicaRunner:
+        label = spec.name if spec.replicas == 1 else f"{spec.name}#{replica}"
+        args = [str(config_file), spec.name] + ([str(replica)] if replica else [])
+        return LocalProcess(label, [(spec.name, replica)], args, self.secrets, self.config.get("log_dir"))
 
     def _config_for_children(self) -> dict:
         config = dict(self.config)
-        config["head_server"] = {**(config.get("head_server") or {}), "port": int(self.head.url.rsplit(":", 1)[1])}
+        host, _ = head_address(self.config)  # the port it got (the configured one, or any free one)
+        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": int(self.head.url.rsplit(":", 1)[1])}
         return config
-
-    async def _start_colocated(self) -> None:
-        config = self._config_for_children()
-        if self.secrets:  # servers share our stdout here: mask what they print, as the pump does
-            sys.stdout = ScrubbingStream(sys.stdout, self.secrets)
-            sys.stderr = ScrubbingStream(sys.stderr, self.secrets)
-        local: dict = {}
-        self.client = ServerClient(config.get("http_client"), self.head.url, local_servers=local)
-        for spec in self.specs.values():
-            try:
-                local[spec.name] = build_server(spec, config, self.client)
-            except Exception as e:
-                raise RuntimeError(f"server '{spec.name}' ({spec.server_type}/{spec.impl}) cannot start: {type(e).__name__}: {e}") from e
-        for spec in self.specs.values():
-            try:
-                running = await serve(local[spec.name], *bind_address(spec, config))
-            except Exception as e:
-                raise RuntimeError(f"server '{spec.name}' ({spec.server_type}/{spec.impl}) failed to start: {type(e).__name__}: {e}") from e
-            self.colocated.append(running)
-            self.head.register(spec.name, running.url, os.getpid())
-            console.print(f"[{spec.name}] serving {spec.server_type}/{spec.impl} at {running.url} (colocated)", markup=False)
 
     # ------------------------------------------------------------ readiness and watching
     async def _wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         probe = ServerClient({"max_retries": 0})
-        pending = set(self.specs)
+        pending = set(self.head.servers)
         try:
             while pending:
-                if self.stop_event.is_set():
+                if self.stop_event.is_set() or self._ended():
                     return False
-                dead = self._dead_child()
-                if dead:
-                    self._report_death(dead, "while starting")
-                    return False
-                for name in list(pending):
-                    url = self.head.servers[name]["url"]
+                for key in list(pending):
+                    url = self.head.servers[key]["url"]
                     if url is None:
                         continue
                     try:
-                        await probe.request_json("GET", f"{url}/health", server=name, timeout_s=2, retries=0)
-                        pending.discard(name)
-                        self.head.set_state(name, "ready")
+                        await probe.request_json("GET", f"{url}/health", server=key[0], timeout_s=2, retries=0)
+                        pending.discard(key)
+                        self.head.set_state(*key, "ready")
                     except Exception:
                         pass
                 if pending and time.monotonic() > deadline:
-                    console.print(f"[red]ng_run: not ready after {timeout_s:.0f} s: {', '.join(sorted(pending))} "
+                    names = sorted({name for name, _ in pending})
+                    console.print(f"[red]ng_run: not ready after {timeout_s:.0f} s: {', '.join(names)} "
                                   f"(raise +ready_timeout_s=... if a server needs longer to start)[/red]")
-                    for name in sorted(pending):
-                        self._print_last_lines(name)
+                    for supervisor in self.supervisors:
+                        if any(m in pending for m in supervisor.runner.members):
+                            self._print_last_lines(supervisor.runner)
                     self.exit_code = 1
                     return False
                 if pending:
@@ -211,43 +173,44 @@ class Launcher:
             self.exit_code = 2
         return not errors
 
-    def _dead_child(self) -> Child | None:
-        for child in self.children.values():
-            if child.proc.returncode is not None:
-                return child
-        return None
+    def _ended(self) -> bool:
+        """A supervisor has ended (a server died while starting, a storm): report it."""
+        for task, supervisor in self.tasks.items():
+            if not task.done() or task.cancelled():
+                continue
+            error = task.exception()
+            reason = f"supervising '{supervisor.runner.label}' failed: {type(error).__name__}: {error}" if error else task.result()
+            if reason:
+                console.print(f"ng_run: {scrub(reason, self.secrets)}; stopping the others.", style="red", markup=False)
+                self._print_last_lines(supervisor.runner)
+                self.exit_code = 1
+                return True
+        return False
 
-    def _report_death(self, child: Child, when: str) -> None:
-        self.head.set_state(child.spec.name, "exited")
-        console.print(f"[red]ng_run: server '{child.spec.name}' exited {when} with code {child.proc.returncode}; "
-                      f"stopping the others.[/red]")
-        self._print_last_lines(child.spec.name)
-        self.exit_code = 1
-
-    def _print_last_lines(self, name: str) -> None:
-        child = self.children.get(name)
-        if child and child.last_lines:
-            console.print(f"--- last lines of {name} ---", markup=False)
-            for line in child.last_lines:
+    def _print_last_lines(self, runner: ReplicaRunner) -> None:
+        lines = runner.last_lines()
+        if lines:
+            console.print(f"--- last lines of {runner.label} ---", markup=False)
+            for line in lines:
                 console.print(f"  {line}", markup=False)
 
     async def _watch(self) -> None:
-        waits = {asyncio.create_task(c.proc.wait()): c for c in self.children.values()}
         stop = asyncio.create_task(self.stop_event.wait())
-        done, _ = await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task in waits and not self.stop_event.is_set():
-                await waits[task].pump  # let its last lines arrive
-                self._report_death(waits[task], "unexpectedly")
-        for task in [stop, *waits]:
-            task.cancel()
+        await asyncio.wait([stop, *self.tasks], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not self.stop_event.is_set():
+            self._ended()
 
     def _print_table(self, seconds: float) -> None:
         table = Table(title=f"All {len(self.specs)} servers ready in {seconds:.2f} s (head server {self.head.url})")
-        for col in ("name", "type", "impl", "url", "pid"):
+        with_replicas = any(s.replicas > 1 for s in self.specs.values())
+        with_nodes = len({s["node"] for s in self.head.servers.values()}) > 1  # e.g. Ray actors on several nodes
+        columns = ("name", "type", "impl", *(("replica",) if with_replicas else ()), "url", "pid", *(("node",) if with_nodes else ()))
+        for col in columns:
             table.add_column(col)
         for s in self.head.servers.values():
-            table.add_row(s["name"], s["server_type"], s["impl"], s["url"], str(s["pid"]))
+            table.add_row(s["name"], s["server_type"], s["impl"], *((str(s["replica"]),) if with_replicas else ()),
+                          s["url"], str(s["pid"]), *((str(s["node"]),) if with_nodes else ()))
         console.print(table)
         if self.backend_reports:
             console.print(backends_table(self.backend_reports))
@@ -256,33 +219,34 @@ class Launcher:
     # ------------------------------------------------------------ stop
     async def _stop_all(self) -> None:
         grace = float(self.config.get("stop_grace_s", 10))
-        for child in self.children.values():
-            _signal_group(child.proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in self.children.values():
-            try:
-                await asyncio.wait_for(child.proc.wait(), max(0.1, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                console.print(f"ng_run: '{child.spec.name}' did not stop within {grace:.0f} s; killing it")
-            _signal_group(child.proc, signal.SIGKILL)  # whatever it started, too
-            await child.proc.wait()
-            await child.pump
-            if child.log_file:
-                child.log_file.close()
-        for running in self.colocated:
-            await running.stop()
-        if self.client:
-            await self.client.close()
+        for supervisor in self.supervisors:
+            supervisor.stopping = True
+        for task in self.tasks:
+            task.cancel()  # a supervisor waiting out a backoff stops waiting
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*(s.stop(grace) for s in self.supervisors), return_exceptions=True)
         await self.head.stop()
         self.tmpdir.cleanup()
 
 
-def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 async def run_graph(composed: Composed) -> int:
-    return await Launcher(composed).run()
+    if not ray_runner.ray_address(composed.config):
+        return await Launcher(composed).run()
+    # On a Ray cluster: the same launcher, with every replica a Ray actor (ray_runner.py).
+    problems = ray_runner.check_ray_config(composed.config, composed.servers)
+    if problems:
+        console.print("ng_run: " + "\n  ".join(["the Ray settings have problems:", *problems]), style="red", markup=False)
+        return 2
+    try:
+        ray = ray_runner.connect(composed.config)
+    except ray_runner.RayUnavailable as e:
+        console.print(f"ng_run: {e}", style="red", markup=False)
+        return 1
+    launcher = Launcher(composed)
+    replicas = ray_runner.RayReplicas(ray, launcher.config, launcher.head, lambda text: console.print(text, markup=False))
+    launcher.runner_factory = replicas.factory
+    try:
+        return await launcher.run()
+    finally:
+        replicas.close()
+        ray.shutdown()

@@ -14,6 +14,10 @@ sent again only when the server cannot have acted on it, or when it is safe to r
   (inference has no side effects) and /release_session. Everything else (/seed_session,
   tools, /verify, /run) runs at most once per call; the collector's own retries
   (`+max_attempts`) decide about whole rollouts.
+A call by name goes to one replica of the server (serving/replicas.py: least in flight, a
+session stays on its replica). A replica that is gone (it refused the call, or reset it and
+then refused a probe: its process is dead, and what it did died with it) is left for another
+one, or for its restarted process; a session that lived on it fails, naming why.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import orjson
 from nemo_gym_cli.serving.http11 import (DEFAULT_MAX_RESPONSE_BYTES, IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
                                          NotSent, ProtocolError, check_header)
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
+from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
 
 if TYPE_CHECKING:
     from nemo_gym_cli.serving.base import BaseServer
@@ -43,15 +48,37 @@ UNAVAILABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
 NOT_SENT_ERRORS = (NotSent, aiohttp.ClientConnectorError)
 # Answers that say the server did not process the request.
 NOT_PROCESSED_STATUSES = frozenset({429})
+MAX_FAILOVERS = 3  # a call by name moves on from a gone replica at most this often
 
 
 class ServerCallError(Exception):
-    """A call that failed after its last try; names the server, URL and cause."""
+    """A call that failed after its last try; names the server, URL and cause.
 
-    def __init__(self, server: str, url: str, message: str, status: int | None = None, error_type: str | None = None):
+    `failure` says how a connection failed: "refused", "not_sent", "reset", "timeout", "gone" (the replica
+    holding the call's session went away), "unavailable" (no replica came back in time) or
+    "other"; None for an HTTP error status."""
+
+    def __init__(self, server: str, url: str, message: str, status: int | None = None, error_type: str | None = None,
+                 failure: str | None = None):
         self.server, self.url, self.status, self.message, self.error_type = server, url, status, message, error_type
+        self.failure = failure
         what = f"HTTP {status}" if status else "connection failed"
         super().__init__(f"{server} ({url}): {what}: {message}")
+
+
+def failure_kind(e: BaseException) -> str:
+    """How a connection failed: refused (nothing listens), not_sent (could not connect otherwise),
+    reset (closed under the call), timeout, other."""
+    if isinstance(e, (NotSent, aiohttp.ClientConnectorError)):
+        cause = e.__cause__ if isinstance(e, NotSent) else e.os_error
+        return "refused" if isinstance(cause, ConnectionRefusedError) else "not_sent"
+    if isinstance(e, ConnectionRefusedError):
+        return "refused"
+    if isinstance(e, (ConnectionResetError, BrokenPipeError, aiohttp.ServerDisconnectedError)):
+        return "reset"
+    if isinstance(e, asyncio.TimeoutError):
+        return "timeout"
+    return "other"
 
 
 def error_message(data: Any, fallback: str) -> str:
@@ -103,8 +130,9 @@ class ServerClient:
                              per_host_limit=int(self.http_config.get("connector_limit_per_host", 0)
                                                 or self.http_config.get("connector_limit", 4096)),
                              max_response_bytes=self.max_response_bytes)
-        self._urls: dict[str, str] = {}
-        self._lookup: asyncio.Future | None = None
+        # How long a call by name waits for a replica to come back (ng_run restarts with up to 8 s backoff).
+        self.resolve_timeout_s = float(self.http_config.get("resolve_timeout_s", 30))
+        self.resolver = Resolver(self.servers)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -151,39 +179,102 @@ class ServerClient:
             raise ServerCallError("head server", "(none)", "no head server address configured")
         return await self.request_json("GET", f"{self.head_url}/servers", server="head server", timeout_s=10)
 
-    async def url_of(self, name: str) -> str:
-        url = self._urls.get(name)
-        if url is None:
-            # One lookup for all the callers that start at once (e.g. 1,000 collector workers).
-            if self._lookup is None:
-                self._lookup = asyncio.ensure_future(self.servers())
-            lookup = self._lookup
-            try:
-                listing = await asyncio.shield(lookup)
-            finally:
-                if self._lookup is lookup and lookup.done():
-                    self._lookup = None
-            self._urls = {s["name"]: s["url"] for s in listing if s.get("url")}
-            url = self._urls.get(name)
-            if url is None:
-                known = ", ".join(sorted(s["name"] for s in listing)) or "none"
+    async def replicas(self, name: str, wait: bool = True) -> Replicas:
+        """The replicas of a name; waits (bounded) while none serves, e.g. during a restart."""
+        reps = self.resolver.names.get(name)
+        if reps is not None and reps.live:
+            if reps.degraded:
+                self.resolver.maybe_refresh()
+            return reps
+        deadline = asyncio.get_running_loop().time() + self.resolve_timeout_s
+        while True:
+            await self.resolver.refresh()
+            reps = self.resolver.names.get(name)
+            if reps is None:
+                known = ", ".join(sorted(self.resolver.known)) or "none"
                 raise ServerCallError(name, self.head_url or "", f"no server named '{name}' is registered (known: {known})", 404)
-        return url
+            if reps.live or not wait:
+                return reps
+            if asyncio.get_running_loop().time() > deadline:
+                raise ServerCallError(name, self.head_url or "", f"no replica of '{name}' is serving (waited "
+                                      f"{self.resolve_timeout_s:g} s for one to come back)", failure="unavailable")
+            await asyncio.sleep(0.2)
+
+    async def url_of(self, name: str) -> str:
+        """The URL of the least busy live replica of a server."""
+        return (await self.replicas(name)).least_loaded().url
 
     # ------------------------------------------------------------ calls
     async def post(self, server: str, path: str, body: Any = None, *, session_id: str | None = None,
                    headers: dict | None = None, timeout_s: float | None = None,
                    retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool = False) -> Any:
-        """POST by server name. `idempotent=True` only for calls that are safe to run twice
-        (see the module docstring): it allows re-sending after a reset, a timeout or a 5xx."""
+        """POST by server name: to the session's replica, else the least busy one. `idempotent=True`
+        only for calls that are safe to run twice (see the module docstring): it allows re-sending
+        after a reset, a timeout or a 5xx. A call moves on from a replica that is gone (refused it,
+        or reset it and then refused a probe: its process is dead); see serving/replicas.py."""
         local = self.local_servers.get(server)
         if local is not None:
             return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers, idempotent)
-        url = await self.url_of(server) + path
         if session_id:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
-        return await self.request_json("POST", url, body, headers=headers, server=server, timeout_s=timeout_s,
-                                       retry_statuses=retry_statuses, idempotent=idempotent)
+        for failovers in range(MAX_FAILOVERS + 1):
+            reps = self.resolver.names.get(server)
+            if reps is None or not reps.live or reps.degraded:  # (the common case skips a coroutine)
+                reps = await self.replicas(server)
+            fresh = False  # this call made the session's pin: nothing of the session is on it yet
+            if session_id is None:
+                replica = reps.least_loaded()
+            else:
+                replica = reps.pinned(session_id)
+                if replica is None:
+                    replica, fresh = reps.least_loaded(), True
+                    reps.pin(session_id, replica)
+                elif replica.gone:
+                    reps.unpin(session_id)
+                    raise ServerCallError(server, replica.url, f"replica {replica.index} of '{server}' is gone (crashed "
+                                          f"or restarted) and session {session_id} was there", failure="gone")
+            replica.in_flight += 1
+            try:
+                return await self.request_json("POST", replica.url + path, body, headers=headers, server=server,
+                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent)
+            except ServerCallError as e:
+                if e.failure not in ("refused", "reset") or failovers == MAX_FAILOVERS or not await self._is_gone(replica, e):
+                    raise
+                self.resolver.mark_gone(replica)
+                if session_id is not None and not fresh:
+                    reps.unpin(session_id)
+                    raise ServerCallError(server, replica.url, f"replica {replica.index} of '{server}' went away during "
+                                          f"the call, with session {session_id} ({e.message})", failure="gone") from None
+                if session_id is not None:
+                    reps.unpin(session_id)  # re-pinned on the next replica
+            finally:
+                replica.in_flight -= 1
+        raise AssertionError("unreachable")
+
+    async def _is_gone(self, replica: Replica, error: ServerCallError) -> bool:
+        """Refused: nothing listens there. Reset: gone only if a probe is refused too (a live
+        server that reset one connection may have acted on the call: never send it twice)."""
+        if replica.gone or error.failure == "refused":
+            return True
+        try:
+            await self.health_status(replica.url + "/health", 2)
+        except Exception as e:
+            return failure_kind(e) == "refused"
+        return False
+
+    async def post_each(self, server: str, path: str, body: Any = None, **kwargs) -> list[Any]:
+        """The same call to every live replica of a server (e.g. releasing sessions); returns the
+        answers; raises the first error after all calls ended."""
+        local = self.local_servers.get(server)
+        if local is not None:
+            return [await self.post(server, path, body, **kwargs)]
+        reps = await self.replicas(server)
+        results = await asyncio.gather(*(self.request_json("POST", r.url + path, body, server=server, **kwargs)
+                                         for r in reps.live), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     async def _local_call(self, server: "BaseServer", method: str, path: str, body: Any, session_id: str | None,
                           retry_statuses: frozenset[int], headers: dict | None = None, idempotent: bool = False) -> Any:
@@ -250,7 +341,8 @@ class ServerClient:
                     if isinstance(e, asyncio.TimeoutError):
                         cause = "timed out"
                     if sent and not idempotent:
-                        raise ServerCallError(server, url, f"{cause} (not re-sent: {method} may have run)") from None
-                    raise ServerCallError(server, url, f"{cause} (after {attempt + 1} tries)") from None
+                        raise ServerCallError(server, url, f"{cause} (not re-sent: {method} may have run)",
+                                              failure=failure_kind(e)) from None
+                    raise ServerCallError(server, url, f"{cause} (after {attempt + 1} tries)", failure=failure_kind(e)) from None
             await asyncio.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_max))
         raise AssertionError("unreachable")

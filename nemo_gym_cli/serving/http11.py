@@ -136,6 +136,10 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     # ---- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.headers_done:  # bytes after the final answer: never reuse this connection
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":

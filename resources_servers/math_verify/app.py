@@ -41,6 +41,8 @@ class MathVerifyResourcesServer(SimpleResourcesServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.config
+        if cfg.workers < 1 or cfg.timeout_s <= 0:
+            raise ValueError(f"server '{self.name}': workers must be >= 1 and timeout_s > 0, got {cfg.workers}, {cfg.timeout_s}")
         self.pool = GraderPool(workers=cfg.workers, timeout_s=cfg.timeout_s, inner_timeout_s=cfg.inner_timeout_s)
 
     async def on_startup(self) -> None:
@@ -57,7 +59,9 @@ class MathVerifyResourcesServer(SimpleResourcesServer):
             graded = {"reward": 0.0, "extracted_answer": None, "reason": "the response has no assistant text"}
         else:
             graded = await self.pool.grade(str(expected), answer)
-        result = {**body, "reward": graded["reward"], "extracted_answer": graded["extracted_answer"]}
+        # a stored rollout sent again (ng_reverify) carries its old grade: replace all of it
+        result = {k: v for k, v in body.items() if k != "grading_error"}
+        result.update(reward=graded["reward"], extracted_answer=graded["extracted_answer"])
         if graded.get("reason"):
             result["grading_error"] = graded["reason"]
         return result

@@ -53,6 +53,8 @@ class SimpleAgentConfig(ServerConfig):
     # After a turn with tool calls, send tool_choice "auto" instead of a forced one, so that
     # "call a tool first" does not become "call tools forever" (as the OpenAI Agents SDK does).
     reset_tool_choice: bool = False
+    # The collector's pass@k counts a rollout of this agent as a pass when its reward is >= this.
+    pass_threshold: float = 1.0
 
 
 class SimpleAgent(ResponsesAPIAgent):
@@ -99,8 +101,9 @@ class SimpleAgent(ResponsesAPIAgent):
         if not session_ids:
             return
         try:
-            await self.client.post(self.model_server, "/release_session", {"session_ids": session_ids},
-                                   retry_statuses=frozenset(), idempotent=True)
+            # Every replica of the model: each forgets the sessions it holds.
+            await self.client.post_each(self.model_server, "/release_session", {"session_ids": session_ids},
+                                        retry_statuses=frozenset(), idempotent=True)
         except ServerCallError:
             pass  # best effort: the model's session table also expires idle sessions
 

@@ -319,7 +319,9 @@ def chat_to_response_output(
     prompt_token_ids: list[int] | None = None,
     id_factory: Callable[[str], str] = new_id,
 ) -> list[dict]:
-    """Output items of the first choice: [reasoning], message (always), function_call*.
+    """Output items of the first choice: [reasoning], [message], function_call*.
+
+    The message is there when the turn has text, or when it would otherwise be empty.
 
     With ``uses_reasoning_parser`` false the content is kept verbatim (no ``<think>`` parsing,
     as NeMo Gym does); vLLM's ``reasoning`` / ``reasoning_content`` field is used either way.
@@ -347,16 +349,20 @@ def chat_to_response_output(
                 "status": "completed",
             }
         )
-    output.append(
-        {
-            "type": "message",
-            "id": id_factory("msg"),
-            "role": "assistant",
-            "status": "completed",
-            "content": [{"type": "output_text", "text": content, "annotations": []}],
-        }
-    )
-    for tool_call in message.get("tool_calls") or ():
+    tool_calls = message.get("tool_calls") or ()
+    # NeMo Gym's rule: a message only when there is text, or when nothing else would be emitted
+    # (a turn that is only tool calls is [reasoning] function_call..., no empty message first).
+    if content or not (reasoning or tool_calls):
+        output.append(
+            {
+                "type": "message",
+                "id": id_factory("msg"),
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": content, "annotations": []}],
+            }
+        )
+    for tool_call in tool_calls:
         function = tool_call.get("function") or {}
         arguments = function.get("arguments")
         if arguments is None:

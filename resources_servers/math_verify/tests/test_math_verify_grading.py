@@ -64,7 +64,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def math_server():
-    verify, server, stop = await start({"workers": 2, "timeout_s": 3})
+    # generous: a symbolic comparison takes ~0.5 s alone, much longer on a loaded machine
+    verify, server, stop = await start({"workers": 2, "timeout_s": 60})
     yield verify, server
     await stop()
 
@@ -95,13 +96,16 @@ async def test_grading_problems_are_reward_zero_with_the_reason_never_a_500(math
     assert e.value.status == 400 and "expected_answer" in e.value.message
 
 
-async def test_a_huge_expression_times_out_and_the_server_keeps_grading(math_server):
-    verify, server = math_server
-    t0 = time.monotonic()
-    huge = await verify(row("5", HUGE))
-    assert huge["reward"] == 0.0 and ("Timeout" in huge["grading_error"] or "timed out" in huge["grading_error"])
-    assert time.monotonic() - t0 < 30
-    assert (await verify(row("5", r"\boxed{5}")))["reward"] == 1.0
+async def test_a_huge_expression_times_out_and_the_server_keeps_grading():
+    verify, server, stop = await start({"workers": 1, "timeout_s": 2})
+    try:
+        t0 = time.monotonic()
+        huge = await verify(row("5", HUGE))
+        assert huge["reward"] == 0.0 and ("Timeout" in huge["grading_error"] or "timed out" in huge["grading_error"])
+        assert time.monotonic() - t0 < 60  # ended by a timeout, not by finishing the sum
+        assert (await verify(row("5", r"\boxed{5}")))["reward"] == 1.0
+    finally:
+        await stop()
 
 
 async def test_a_stuck_worker_is_killed_and_replaced():

@@ -1,0 +1,115 @@
+"""Keeping the graph's processes up: a replica runner (how one is started), a restart policy,
+and the supervisor that restarts a runner that exits unexpectedly.
+
+A `ReplicaRunner` starts one unit of the graph: one replica of one server, or the co-located
+process hosting every server. `processes.LocalProcess` is a child process of ng_run; another
+runner (a Ray actor) implements the same few methods. The unit registers itself with the
+head server once it serves; the supervisor only tells the head when it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from nemo_gym_cli.graph.head import HeadServer
+
+
+class ReplicaRunner(Protocol):
+    """One unit of the graph, started and stopped by its supervisor (maybe many times)."""
+
+    label: str  # how logs name it: "simple_weather", "simple_weather#1", "colocated"
+    members: list[tuple[str, int]]  # the (server name, replica) pairs it serves and registers
+
+    async def start(self) -> None:
+        """Launch it; returns once launched (it registers with the head server when it serves)."""
+
+    async def wait(self) -> str:
+        """Until it exits; returns how it ended, e.g. "with code -9"."""
+
+    def failed(self) -> bool:
+        """Whether its last exit was a failure (on-failure restarts only those)."""
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop it (and what it started), killing it after `grace_s`; idempotent."""
+
+    def last_lines(self) -> list[str]:
+        """Its last log lines, for the report when it dies."""
+
+
+@dataclass
+class RestartPolicy:
+    """Backoff 0.5 s doubling to 8 s; more than `max_restarts` within `window_s` is a storm."""
+
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    max_restarts: int = 5
+    window_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _recent: collections.deque = field(default_factory=collections.deque, repr=False)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RestartPolicy":
+        cfg = config.get("restarts") or {}
+        return cls(float(cfg.get("backoff_s", 0.5)), float(cfg.get("max_backoff_s", 8)),
+                   int(cfg.get("max_restarts", 5)), float(cfg.get("window_s", 60)))
+
+    def next_delay(self) -> float | None:
+        """The delay before the next restart (and count it), or None: too many restarts lately."""
+        now = self.clock()
+        while self._recent and now - self._recent[0] > self.window_s:
+            self._recent.popleft()
+        if len(self._recent) >= self.max_restarts:
+            return None
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** len(self._recent))
+        self._recent.append(now)
+        return delay
+
+
+class Supervisor:
+    """Runs one runner for the life of the graph; restarts it per policy (None: never).
+
+    Before the graph is ready any exit is fatal (a server that cannot start will not start on
+    a second try either). `run()` returns None when stopped, or the reason the graph must stop.
+    """
+
+    def __init__(self, runner: ReplicaRunner, head: HeadServer, policy: RestartPolicy | None,
+                 say: Callable[[str], None]):
+        self.runner, self.head, self.policy, self.say = runner, head, policy, say
+        self.graph_ready = False
+        self.stopping = False
+        self.restarts = 0
+
+    async def run(self) -> str | None:
+        await self.runner.start()
+        while True:
+            how = await self.runner.wait()
+            if self.stopping:
+                return None
+            for name, replica in self.runner.members:
+                self.head.set_state(name, replica, "exited")
+            what = f"server '{self.runner.label}' exited"
+            if not self.graph_ready:
+                return f"{what} while starting {how}"
+            if self.policy is None or not self.runner.failed():
+                why = "restart: never" if self.policy is None else "a clean exit is not a failure"
+                return f"{what} unexpectedly {how} ({why})"
+            delay = self.policy.next_delay()
+            if delay is None:
+                return (f"{what} unexpectedly {how}, after {self.restarts} restarts: more than "
+                        f"{self.policy.max_restarts} restarts within {self.policy.window_s:g} s")
+            self.restarts += 1
+            self.say(f"ng_run: {what} unexpectedly {how}; restarting it in {delay:g} s (restart {self.restarts})")
+            for name, replica in self.runner.members:
+                self.head.mark_restarting(name, replica)
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return None
+            await self.runner.start()
+
+    async def stop(self, grace_s: float) -> None:
+        self.stopping = True
+        await self.runner.stop(grace_s)
