@@ -43,8 +43,8 @@ def test_one_collection_over_three_environments(standins, graph, tmp_path, mode)
     (tmp_path / "policy.json").write_text(json.dumps(policy_rules))
     (tmp_path / "judge.json").write_text(json.dumps([{"match": "mark-eq", "content": "[[A=B]]"},
                                                      {"match": "mark-neq", "content": "[[A!=B]]"}]))
-    policy, = standins(1, "--script", str(tmp_path / "policy.json"))
-    judge, = standins(1, "--script", str(tmp_path / "judge.json"))
+    policy, = standins(1, "--model", "policy-model", "--script", str(tmp_path / "policy.json"))
+    judge, = standins(1, "--model", "judge-model", "--script", str(tmp_path / "judge.json"))
     env = {"policy_base_url": policy.url, "policy_api_key": "EMPTY", "policy_model_name": "policy-model",
            "judge_base_url": judge.url, "judge_api_key": "EMPTY", "judge_model_name": "judge-model"}
     g = graph([VLLM_MODEL, JUDGE_MODEL, WEATHER, JUDGE_ENV, MATH], env=env, colocate=(mode == "colocated"))

@@ -31,9 +31,12 @@ Common keys: +head_server.port=11000 +colocate=false +ready_timeout_s=60 +log_di
 
 Print the resolved config (secrets masked) exactly as ng_run would use it.
 """,
-    "ng_status": """usage: ng_status [+head_server.port=11000]
+    "ng_status": """usage: ng_status [--watch] [+head_server.port=11000]
 
-Ask the head server of a running ng_run for its servers and check that each answers now.
+Ask the head server of a running ng_run for its servers and check that each answers now; show
+every model adapter's backends (up/down, in flight, sessions, requests, failovers, and vLLM's
+running, waiting, KV cache, prefix-cache hit rate, preemptions) and the collections in progress.
+--watch redraws it in place every second until Ctrl-C.
 """,
 }
 
@@ -91,7 +94,10 @@ def ng_dump_config() -> None:
 def ng_status() -> None:
     from nemo_gym_cli.cli.status import show_status
 
-    _main("ng_status", lambda c: run_async(show_status(c.config)), validate=False)
+    watch = "--watch" in sys.argv[1:]
+    if watch:
+        sys.argv.remove("--watch")
+    _main("ng_status", lambda c: run_async(show_status(c.config, watch=watch)), validate=False)
 
 
 def ng_collect_rollouts() -> None:

@@ -23,11 +23,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
+from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
 from nemo_gym_cli.collect.jobs import AGENT_TYPE, Job, Repeats, agent_ref, iter_rows
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.config import head_url as default_head_url
 from nemo_gym_cli.serving.client import HttpClientConfig, ServerCallError, ServerClient
 
+MODEL_TYPE = "responses_api_models"
 RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
 
 
@@ -194,14 +196,15 @@ async def list_agents(client: ServerClient) -> list[dict]:
     return [s for s in servers if s.get("server_type") == "responses_api_agents"]
 
 
-def collector_client(head_url: str, http_config: dict | None, limit: ConcurrencyLimit) -> ServerClient:
-    """A server client with room for every rollout in flight (https:// goes through aiohttp's pool)."""
+def collector_client(head_url: str, http_config: dict | None, most_in_flight: int) -> ServerClient:
+    """A server client with room for every rollout that can be in flight (connections per host)."""
     http = HttpClientConfig.of(http_config)
-    return ServerClient(dataclasses.replace(http, connector_limit=max(http.connector_limit, 2 * limit.value)), head_url)
+    return ServerClient(dataclasses.replace(http, connector_limit=max(http.connector_limit, 2 * most_in_flight)), head_url)
 
 
 async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
-                           concurrency: "int | ConcurrencyLimit" = 100, num_repeats: "int | dict[str, int]" = 1,
+                           concurrency: "int | ConcurrencyLimit | str" = 100, concurrency_max: int = DEFAULT_MAXIMUM,
+                           num_repeats: "int | dict[str, int]" = 1,
                            agent_name: str | None = None, max_attempts: int = 3,
                            responses_create_params: dict | None = None,
                            http_config: dict | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -209,16 +212,25 @@ async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
 
     head_url: the ng_run head server (default http://127.0.0.1:11000). num_repeats: an int or
     `{"_default": 1, "my_agent": 8}`. agent_name: the agent of rows without `agent_ref`.
-    Raises ServerCallError only when the head server does not answer at the start.
+    concurrency="auto": the limit follows the vLLM servers' gauges (autoconcurrency.py), never
+    above concurrency_max. Raises ServerCallError only when the head server does not answer at the start.
     """
-    limit = ConcurrencyLimit.of(concurrency)
-    client = collector_client(head_url or default_head_url({}), http_config, limit)
+    auto = concurrency == "auto"
+    limit = ConcurrencyLimit(min(AUTO_START, concurrency_max)) if auto else ConcurrencyLimit.of(concurrency)
+    client = collector_client(head_url or default_head_url({}), http_config, concurrency_max if auto else limit.value)
+    controller = None
     try:
         agents = {s["name"] for s in await list_agents(client)}
         jobs = iter_rows(rows, Repeats(num_repeats), agent_name, responses_create_params)
         run = RolloutRun(jobs, client, limit, max_attempts=max_attempts, agents=agents)
+        if auto:
+            models = [s["url"] for s in await client.servers() if s.get("server_type") == MODEL_TYPE and s.get("url")]
+            controller = AutoConcurrency(limit, adapters_reader(client, models), run.in_flight, maximum=concurrency_max)
+            controller.start()
         async with contextlib.aclosing(run.__aiter__()) as outcomes:  # leaving early cancels what is in flight
             async for outcome in outcomes:
                 yield outcome.as_dict()
     finally:
+        if controller is not None:
+            await controller.stop()
         await client.close()

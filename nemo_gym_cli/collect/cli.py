@@ -10,17 +10,20 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
 from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, collector_client, list_agents
+from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
+from nemo_gym_cli.collect.publish import ProgressPublisher
 from nemo_gym_cli.collect.report import backend_counts, model_servers, report, spread
 from nemo_gym_cli.collect.stats import Stats
 from nemo_gym_cli.config import Composed, head_url, resolve_path
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerCallError
 from nemo_gym_cli.serving.logs import make_console
 
 HELP = """usage: ng_collect_rollouts +input_jsonl_fpath=IN.jsonl +output_jsonl_fpath=OUT.jsonl [+agent_name=NAME]
@@ -34,6 +37,10 @@ name: ...}; +agent_name is the agent of rows without one (needed only then). Eac
 rollout is written at once to OUT.jsonl as one line: the verify response plus
 _ng_task_index (input row), _ng_rollout_index (repeat) and agent_ref.
 
+  +concurrency=auto         find the knee of the vLLM servers: start at 4, raise while no backend
+                            queues, hold the queue small (vllm:num_requests_waiting, KV cache,
+                            preemptions, read through the model adapters' /backends), never above
+                            +concurrency_max=1024; the summary reports where it settled
   +limit=N                  only the first N input rows
   +num_repeats=N            or per agent: +num_repeats={_default:1,math_verify_simple_agent:8}
   +max_attempts=3           a rollout that fails for a transport or server reason (refused, reset,
@@ -88,7 +95,12 @@ class Collector:
         self.input = found
         self.output = Path(str(cfg["output_jsonl_fpath"])).expanduser().absolute()
         self.failures_path, self.metrics_path = J.out_paths(self.output)
-        self.limit = ConcurrencyLimit(positive_int(cfg, "num_samples_in_parallel" if cfg.get("num_samples_in_parallel") else "concurrency"))
+        key = "num_samples_in_parallel" if cfg.get("num_samples_in_parallel") else "concurrency"
+        self.auto_max = None  # +concurrency=auto: a controller moves the limit (autoconcurrency.py)
+        if cfg.get(key) == "auto":
+            self.auto_max = positive_int(cfg, "concurrency_max") if cfg.get("concurrency_max") is not None else DEFAULT_MAXIMUM
+        self.limit = ConcurrencyLimit(min(AUTO_START, self.auto_max) if self.auto_max else positive_int(cfg, key))
+        self.auto: AutoConcurrency | None = None
         try:
             self.repeats = J.Repeats(cfg.get("num_repeats", 1))
         except ValueError as e:
@@ -100,7 +112,7 @@ class Collector:
             raise SetupError(f"+responses_create_params must be a mapping, e.g. '+responses_create_params={{temperature:0.7}}', got {self.params!r}")
         self.resume = bool(cfg.get("resume"))
         self.grace_s = float(cfg.get("shutdown_grace_s", 30))
-        self.client = collector_client(head_url(cfg), cfg.get("http_client"), self.limit)
+        self.client = collector_client(head_url(cfg), cfg.get("http_client"), self.auto_max or self.limit.value)
         self.stats = Stats(self.repeats.of)
         self.interrupted = False
         self.run_: RolloutRun | None = None
@@ -176,7 +188,14 @@ class Collector:
         self.run_ = run = RolloutRun(self.jobs(done, failed, skipped), self.client, self.limit,
                                      max_attempts=self.max_attempts, agents=agents, call=self.call,
                                      backoff_s=float(self.config.get("retry_backoff_s", RETRY_BACKOFF_S)))
-        progress = self._progress(self.total(done))
+        self.total_rollouts = self.total(done)
+        progress = self._progress(self.total_rollouts)
+        if self.auto_max:
+            self.auto = AutoConcurrency(self.limit, adapters_reader(self.client, models), run.in_flight, maximum=self.auto_max)
+            self.auto.start()
+        publisher = ProgressPublisher(self.client, self.client.head_url, self.agent or "(per row)", str(self.output),
+                                      self.progress_numbers)
+        publisher.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
@@ -193,6 +212,9 @@ class Collector:
                 progress.close()
             os.close(self.out_fd)
             os.close(self.fail_fd)
+            if self.auto is not None:
+                await self.auto.stop()
+            await publisher.stop("interrupted" if self.interrupted else "finished")
         self.stats.skipped = skipped[0]
         per_backend = spread(backends_before, await backend_counts(self.client, models))
         report(self, per_backend)
@@ -224,6 +246,14 @@ class Collector:
         asyncio.get_running_loop().call_later(self.grace_s, run.cancel)
 
     # ------------------------------------------------------------ progress
+    def progress_numbers(self) -> dict:
+        """What the head server shows of this run (ng_status --watch)."""
+        elapsed = time.monotonic() - self.stats.started
+        done = self.stats.done
+        return {"done": done, "failed": self.stats.failed, "total": self.total_rollouts, "concurrency": self.limit.value,
+                "in_flight": self.run_.in_flight() if self.run_ else 0, "elapsed_s": round(elapsed, 1),
+                "rollouts_per_s": round(done / elapsed, 2) if elapsed > 0 else None, "mean_reward": self.stats.mean("reward")}
+
     def _progress(self, total: int | None):
         if not self.config.get("progress", True):
             return None

@@ -57,7 +57,8 @@ def summary(collector, per_backend: dict[str, int]) -> dict[str, Any]:
         "latency_p50_s": totals["latency_p50_s"],
         "latency_p95_s": totals["latency_p95_s"],
         "latency_mean_s": totals["latency_mean_s"],
-        "concurrency": collector.limit.value,
+        "concurrency": collector.limit.value if collector.auto is None else collector.auto.settled(),
+        **({"concurrency_auto": collector.auto.report()} if collector.auto is not None else {}),
         "means": totals["means"],
         "requests_per_backend": per_backend,
         "per_agent": stats.per_agent(),
@@ -91,7 +92,10 @@ def report(collector, per_backend: dict[str, int]) -> dict:
         table.add_row(f"mean {key}", f"{value:.4f}")
     table.add_row("rollouts/s", f"{data['rollouts_per_s']}")
     table.add_row("latency p50 / p95 (s)", f"{data['latency_p50_s']} / {data['latency_p95_s']}")
-    table.add_row("concurrency", str(data["concurrency"]))
+    auto = data.get("concurrency_auto")
+    table.add_row("concurrency", str(data["concurrency"]) if auto is None else
+                  f"auto: settled at {auto['settled']} (max {auto['maximum']}, {len(auto['trace'])} changes)"
+                  + ("" if auto["signals"] else "; no vLLM gauges, held"))
     for name, agent in data["per_agent"].items():
         table.add_row(f"agent {name}", agent_line(agent))
     total = sum(per_backend.values())

@@ -15,6 +15,7 @@ from typing import Any
 
 from nemo_gym_cli.config import ServerSpec, mask_secrets
 from nemo_gym_cli.graph.build import RunningServer, serve
+from nemo_gym_cli.graph.collections import CollectionsBoard
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
@@ -32,6 +33,7 @@ class HeadServer(BaseServer):
             for name, s in specs.items() for r in range(s.replicas)
         }
         self.running: RunningServer | None = None
+        self.collections = CollectionsBoard()  # progress of running ng_collect_rollouts
         self.url = ""
 
     async def start(self, host: str, port: int) -> str:
@@ -92,3 +94,15 @@ class HeadServer(BaseServer):
             raise HTTPError(400, f"bad registration ({type(e).__name__}: {e}); expected {{name, url, pid, replica, node}} "
                                  f"of a configured server replica") from None
         return {}
+
+    @route("/collections/progress")
+    async def collection_progress(self, body: Any, ctx: RequestContext) -> Any:
+        try:
+            self.collections.update(body)
+        except ValueError as e:
+            raise HTTPError(400, f"bad collection progress: {e}") from None
+        return {}
+
+    @route("/collections", "GET")
+    async def list_collections(self, body: Any, ctx: RequestContext) -> Any:
+        return self.collections.list()

@@ -26,6 +26,7 @@ from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_value
 from nemo_gym_cli.graph import ray_runner
 from nemo_gym_cli.graph.build import COLOCATED_ARG
 from nemo_gym_cli.graph.head import HeadServer
+from nemo_gym_cli.graph.preflight import backends_table, preflight_models
 from nemo_gym_cli.graph.processes import LocalProcess
 from nemo_gym_cli.graph.supervisor import ReplicaRunner, RestartPolicy, Supervisor
 from nemo_gym_cli.serving.client import ServerClient
@@ -49,6 +50,7 @@ class Launcher:
         self.tasks: dict[asyncio.Task, Supervisor] = {}
         self.stop_event = asyncio.Event()
         self.exit_code = 0
+        self.backend_reports: dict[str, dict] = {}
         self.tmpdir = tempfile.TemporaryDirectory(prefix="ng_run_")
 
     async def run(self) -> int:
@@ -67,7 +69,10 @@ class Launcher:
             if not self.specs:
                 console.print("[yellow]ng_run: the config defines no servers (did you pass +config_paths=[...]?)[/yellow]")
             self._start_supervisors()
-            if await self._wait_ready(float(self.config.get("ready_timeout_s", 60))):
+            ready = await self._wait_ready(float(self.config.get("ready_timeout_s", 60)))
+            if ready and self.config.get("preflight", True) is not False:
+                ready = await self._preflight()
+            if ready:
                 self._print_table(time.monotonic() - t0)
                 for supervisor in self.supervisors:
                     supervisor.graph_ready = True
@@ -155,6 +160,19 @@ class Launcher:
         finally:
             await probe.close()
 
+    async def _preflight(self) -> bool:
+        """Model adapters check their backends (+preflight=false skips it); an error stops ng_run (exit 2)."""
+        errors, warnings, self.backend_reports = await preflight_models(list(self.head.servers.values()))
+        for line in warnings:
+            console.print(f"ng_run: warning: {scrub(line, self.secrets)}", style="yellow", markup=False)
+        for line in errors:
+            console.print(f"ng_run: {scrub(line, self.secrets)}", style="red", markup=False)
+        if errors:
+            console.print("ng_run: preflight failed; fix the config or the servers (or skip the check with +preflight=false)",
+                          style="red", markup=False)
+            self.exit_code = 2
+        return not errors
+
     def _ended(self) -> bool:
         """A supervisor has ended (a server died while starting, a storm): report it."""
         for task, supervisor in self.tasks.items():
@@ -194,6 +212,8 @@ class Launcher:
             table.add_row(s["name"], s["server_type"], s["impl"], *((str(s["replica"]),) if with_replicas else ()),
                           s["url"], str(s["pid"]), *((str(s["node"]),) if with_nodes else ()))
         console.print(table)
+        if self.backend_reports:
+            console.print(backends_table(self.backend_reports))
         sys.stderr.flush()
 
     # ------------------------------------------------------------ stop

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
+from nemo_gym_cli.routing.backends_view import backends_report
+from nemo_gym_cli.routing.preflight import preflight as check_backends
 from nemo_gym_cli.routing.upstream import Upstream, UpstreamConfig
 from nemo_gym_cli.serving.kinds import ResponsesAPIModel
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
@@ -31,7 +33,10 @@ def check_response(answer: Any) -> str | None:
 
 class UpstreamModel(ResponsesAPIModel):
     """A model adapter over OpenAI-compatible upstream servers (`base_url`, `api_key`, `model`):
-    Chat Completions pass through with session routing; /release_session frees the pin."""
+    Chat Completions pass through with session routing; /release_session frees the pin.
+    /preflight (ng_run calls it once) checks every backend; /backends is the live view of them."""
+
+    vllm_backends: ClassVar[bool] = True  # False: no /metrics to read (OpenAI)
 
     config_type = UpstreamConfig
 
@@ -60,3 +65,12 @@ class UpstreamModel(ResponsesAPIModel):
         for session_id in ids if isinstance(ids, list) else [ctx.session_id]:
             self.upstream.release(session_id)
         return {}
+
+    @route("/preflight")
+    async def preflight(self, body: Any, ctx: RequestContext) -> Any:
+        return await check_backends(self.upstream, self.model, vllm=self.vllm_backends,
+                                    timeout_s=self.config.preflight_timeout_s)
+
+    @route("/backends", "GET")
+    async def backends(self, body: Any, ctx: RequestContext) -> Any:
+        return await backends_report(self.upstream, self.model, vllm=self.vllm_backends)

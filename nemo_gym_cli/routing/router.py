@@ -229,6 +229,10 @@ class Router:
                 backend.cut.add(task)
                 task.cancel()
 
+    def mark_down(self, backend: Backend, reason: str) -> None:
+        """Take a backend out of rotation (preflight found it unreachable); the probe brings it back."""
+        self._mark_down(backend, BackendUnavailable(reason))
+
     def _mark_up(self, backend: Backend) -> None:
         if backend.healthy:
             return

@@ -61,6 +61,7 @@ class UpstreamConfig(ServerConfig):
     health_failures: int = 3  # failed checks in a row: down, its requests in flight re-issued elsewhere
     probe_interval_s: float = 0.5  # a backend marked down is probed on /health this often
     wait_for_backend_s: float = 30  # with every backend down, a request waits this long for one
+    preflight_timeout_s: float = 5  # ng_run's check of every backend (all in parallel) takes at most this long
 
 
 class Upstream:

@@ -20,6 +20,7 @@ class OpenAIModelConfig(UpstreamConfig):
 
 class OpenAIModel(UpstreamModel):
     config_type = OpenAIModelConfig
+    vllm_backends = False  # preflight checks reachability and the model only; no vLLM gauges
 
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=32768, help="max prompt tokens (else HTTP 400)")
     p.add_argument("--port-file", metavar="PATH", help="write the bound port here (useful with --port 0)")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="report prefix caching as off in vllm:cache_config_info (as vLLM's flag does)")
     return p
 
 
@@ -66,6 +68,7 @@ def config_from_args(argv: list[str] | None = None) -> StandinConfig:
         context_length=args.context_length,
         port_file=args.port_file,
         access_log=args.access_log,
+        prefix_caching=args.prefix_caching,
     )
 
 

@@ -31,6 +31,7 @@ class StandinConfig:
     context_length: int = 32768
     port_file: str | None = None
     access_log: bool = False
+    prefix_caching: bool = True  # as reported by vllm:cache_config_info
 
 
 class StandinError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nemo_gym_cli.testing.vllm_standin.engine import Standin
+from nemo_gym_cli.testing.vllm_standin.prefix_cache import BLOCK_SIZE
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what prometheus_client serves
 
@@ -27,6 +28,12 @@ def metrics_text(standin: Standin) -> str:
         "# HELP vllm:prefix_cache_hits Prefix cache hits, in terms of number of cached tokens.",
         "# TYPE vllm:prefix_cache_hits counter",
         f"vllm:prefix_cache_hits_total{{{label}}} {float(standin.cache.hits)}",
+        "# HELP vllm:num_preemptions Cumulative number of preemptions from the engine.",
+        "# TYPE vllm:num_preemptions counter",
+        f"vllm:num_preemptions_total{{{label}}} 0.0",
+        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+        "# TYPE vllm:cache_config_info gauge",
+        f'vllm:cache_config_info{{block_size="{BLOCK_SIZE}",enable_prefix_caching="{standin.config.prefix_caching}"}} 1.0',
         "# HELP vllm:request_success Count of successfully processed requests.",
         "# TYPE vllm:request_success counter",
     ]

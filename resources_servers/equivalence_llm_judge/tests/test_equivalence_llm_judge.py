@@ -22,8 +22,8 @@ SERVER = "++equivalence_llm_judge.resources_servers.equivalence_llm_judge"  # CL
 def start(standins, graph, tmp_path, rules: list[dict], args: list[str] = (), colocate: bool = False):
     """A policy stand-in, a scripted judge stand-in and the graph of the guide's command."""
     (script := tmp_path / "judge_rules.json").write_text(json.dumps(rules))
-    policy, = standins(1)
-    judge, = standins(1, "--script", str(script))
+    policy, = standins(1, "--model", "policy-model")
+    judge, = standins(1, "--model", "judge-model", "--script", str(script))
     env = {"policy_base_url": policy.url, "policy_api_key": "EMPTY", "policy_model_name": "policy-model",
            "judge_base_url": judge.url, "judge_api_key": "EMPTY", "judge_model_name": "judge-model"}
     g = graph([VLLM_MODEL, JUDGE_MODEL, JUDGE_ENV], env=env, args=list(args), colocate=colocate)

@@ -293,7 +293,7 @@ def test_no_backend_reachable_is_a_503_naming_the_urls(graph, tmp_path):
     dead = [f"http://127.0.0.1:{free_port()}/v1", f"http://127.0.0.1:{free_port()}/v1"]
     g = graph([VLLM_MODEL, WEATHER], env={"policy_base_url": ",".join(dead), "policy_api_key": "EMPTY",
                                          "policy_model_name": "standin-model"},
-              args=[f"{MODEL_KEY}.wait_for_backend_s=1"])
+              args=[f"{MODEL_KEY}.wait_for_backend_s=1", "+preflight=false"])  # ng_run would stop: no backend
 
     t0 = time.monotonic()
     status, body = http_json(g.url("policy_model") + "/v1/responses", {"input": "anyone there?"}, timeout=30)

@@ -1,0 +1,47 @@
+"""Publish a running collection's progress to the head server (about once a second), so
+`ng_status --watch` can show it. Best effort: a head server that does not answer never slows
+or fails the run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Callable
+
+PUBLISH_INTERVAL_S = 1.0
+PUBLISH_TIMEOUT_S = 2.0
+
+
+class ProgressPublisher:
+    """`snapshot()` returns the numbers to show (done, failed, rollouts_per_s, mean_reward, ...)."""
+
+    def __init__(self, client, head_url: str, agent: str, output: str, snapshot: Callable[[], dict[str, Any]],
+                 interval_s: float = PUBLISH_INTERVAL_S):
+        self.client, self.url, self.snapshot, self.interval_s = client, f"{head_url}/collections/progress", snapshot, interval_s
+        self.base = {"id": f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}", "agent": agent, "output": output}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="publish progress")
+
+    async def stop(self, state: str) -> None:
+        """Stop publishing; post the final numbers with `state` (finished, interrupted)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._post(state)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._post("running")
+            await asyncio.sleep(self.interval_s)
+
+    async def _post(self, state: str) -> None:
+        body = {**self.base, **self.snapshot(), "state": state}
+        try:
+            await self.client.request_json("POST", self.url, body, server="head server", timeout_s=PUBLISH_TIMEOUT_S, retries=0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - progress is informational; the run goes on
+            pass

@@ -1,0 +1,93 @@
+"""Preflight of a model adapter's backends, run once when ng_run starts (before "ready").
+
+Every backend URL is checked in parallel, bounded to a few seconds in all:
+- `GET <base>/models` must answer and list the configured model (else an error naming what
+  the URL serves); an unreachable URL among reachable ones is a warning and the router takes
+  it out of rotation (its probe brings it back); all unreachable is an error.
+- vLLM backends only: `GET <root>/metrics` -> a warning when `vllm:cache_config_info` does
+  not say `enable_prefix_caching="True"` (sticky sessions then buy nothing); `max_model_len`
+  from /models is noted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from nemo_gym_cli.routing.backend import Backend
+from nemo_gym_cli.routing.vllm_metrics import scrape
+
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+def _served_models(data: Any) -> list[dict] | None:
+    """The `data` list of an OpenAI /models answer, or None when the answer is not one."""
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return None
+    return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+async def check_backend(client, backend: Backend, model: str, headers: dict, *, vllm: bool,
+                        timeout_s: float) -> dict[str, Any]:
+    """One backend: reachable? serves `model`? (vLLM: prefix caching on? max_model_len?)"""
+    entry: dict[str, Any] = {"url": backend.url, "reachable": False, "serves": None, "error": None,
+                             "max_model_len": None, "prefix_caching": None}
+    metrics = asyncio.ensure_future(scrape(client, backend.root_url, headers, timeout_s)) if vllm else None
+    try:
+        status, raw = await asyncio.wait_for(
+            client.raw_request("GET", backend.url + "/models", None, headers, timeout_s), timeout_s)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to answer means unreachable
+        entry["error"] = f"GET /models: {'timed out' if isinstance(e, asyncio.TimeoutError) else f'{type(e).__name__}: {e}'}"
+        status, raw = None, b""
+    if status is not None:
+        entry["reachable"] = True
+        try:
+            served = _served_models(orjson.loads(raw)) if status == 200 else None
+        except orjson.JSONDecodeError:
+            served = None
+        if served is None:
+            entry["error"] = f"GET /models -> HTTP {status}, not an OpenAI model list"
+        else:
+            entry["serves"] = [m["id"] for m in served]
+            mine = next((m for m in served if m["id"] == model), None)
+            if mine is None:
+                entry["error"] = f"{backend.url} serves {entry['serves']}; the config asks for {model}"
+            elif isinstance(mine.get("max_model_len"), int):
+                entry["max_model_len"] = mine["max_model_len"]
+    if metrics is not None:
+        gauges, _ = await metrics
+        entry["prefix_caching"] = gauges["prefix_caching"]
+    return entry
+
+
+async def preflight(upstream, model: str, *, vllm: bool, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> dict[str, Any]:
+    """Check every backend of `upstream`; returns {backends, errors, warnings}. Unreachable
+    backends (when others answer) are marked down in the router, so no session lands there."""
+    router, client = upstream.router, upstream.server.client
+    entries = await asyncio.gather(*(check_backend(client, b, model, upstream.headers, vllm=vllm, timeout_s=timeout_s)
+                                     for b in router.backends))
+    errors: list[str] = []
+    warnings: list[str] = []
+    reachable = [e for e in entries if e["reachable"]]
+    for backend, entry in zip(router.backends, entries):
+        if not entry["reachable"]:
+            if reachable:
+                router.mark_down(backend, f"preflight: {entry['error']}")
+                warnings.append(f"{backend.url} is unreachable ({entry['error']}); starting without it and probing it")
+            continue
+        if entry["error"]:
+            errors.append(entry["error"])
+        elif vllm and entry["prefix_caching"] is not True:
+            said = "is off" if entry["prefix_caching"] is False else "is not reported (no vllm:cache_config_info)"
+            warnings.append(f"{backend.url}: prefix caching {said}; sticky sessions buy nothing without it "
+                            f"(start vLLM with --enable-prefix-caching)")
+    if not reachable:
+        errors.append("no backend answers: " + "; ".join(f"{e['url']}: {e['error']}" for e in entries))
+    for backend, entry in zip(router.backends, entries):
+        entry["state"] = "up" if backend.healthy else "down"
+    return {"model": model, "backends": entries, "errors": errors, "warnings": warnings}
