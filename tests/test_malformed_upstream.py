@@ -42,7 +42,8 @@ def bad_vllm():
 @pytest.fixture
 def adapter(graph, bad_vllm):
     env = {"policy_base_url": bad_vllm.url + "/v1", "policy_api_key": "EMPTY", "policy_model_name": "m"}
-    return graph([VLLM_MODEL], env=env).url("policy_model")
+    # +preflight=false: the raw server answers garbage to /models too; the requests are under test
+    return graph([VLLM_MODEL], env=env, args=["+preflight=false"]).url("policy_model")
 
 
 def outcomes(adapter_url: str) -> dict[str, float]:
