@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from nemo_gym_cli.routing import Backend, BackendUnavailable, NoHealthyBackend, Router, SessionTable, make_policy
+from nemo_gym_cli.routing import (Backend, BackendUnavailable, NoHealthyBackend, Router, RoutingSettings, SessionTable,
+                                  make_policy)
 from nemo_gym_cli.routing.model_server import UpstreamModel
 from nemo_gym_cli.routing.upstream import Upstream, UpstreamError
 from nemo_gym_cli.serving.client import ServerClient
@@ -427,7 +428,7 @@ def test_unknown_policy_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid policies: hash, least_loaded, round_robin"):
         make_policy("fastest")
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
-        Router(["http://h:8000/v1"], policy="fastest", probe=None)
+        Router(RoutingSettings(base_url=["http://h:8000/v1"], routing_policy="fastest"), probe=None)
 
 
 @pytest.mark.parametrize("url, root", [

@@ -3,10 +3,10 @@
 from .backend import Backend
 from .policies import POLICIES, Policy, make_policy
 from .router import (UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, BackendUnavailable, NoHealthyBackend,
-                     Router)
+                     Router, RoutingSettings)
 from .sessions import SessionTable
 
 __all__ = [
     "POLICIES", "UNAVAILABLE_EXCEPTIONS", "UNAVAILABLE_STATUSES", "Backend", "BackendUnavailable",
-    "NoHealthyBackend", "Policy", "Router", "SessionTable", "make_policy",
+    "NoHealthyBackend", "Policy", "Router", "RoutingSettings", "SessionTable", "make_policy",
 ]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable, TypeVar
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from nemo_gym_cli.config.typed import UrlList
 from nemo_gym_cli.serving.client import UNAVAILABLE_ERRORS
 
 from . import metrics as _metrics
@@ -25,6 +27,24 @@ T = TypeVar("T")
 # out): the server client's tuple, the same one the health checks use.
 UNAVAILABLE_EXCEPTIONS = UNAVAILABLE_ERRORS
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
+
+
+@dataclass(kw_only=True)
+class RoutingSettings:
+    """How a model adapter spreads sessions over its backends and watches them. Every default of
+    these fields is here, one line each (UpstreamConfig, a model adapter's config, includes them)."""
+
+    base_url: UrlList  # one URL, a comma-separated string of URLs, or a list: one backend each
+    routing_policy: Literal["least_loaded", "round_robin", "hash"] = "least_loaded"  # new sessions; all sticky
+    group_affinity: bool = True  # the repeats of one prompt on one backend while load allows
+    group_affinity_slack: int = 4  # ...unless that backend has this many more in flight than the least loaded
+    session_ttl_s: float = 1800  # a session idle this long is forgotten
+    max_sessions: int = 100_000  # sessions remembered at most (least recently used go first)
+    health_interval_s: float = 2  # GET /health on every backend this often (0: only after a failed request)
+    health_timeout_s: float = 2  # a /health slower than this is a failed check
+    health_failures: int = 3  # failed checks in a row: down, its requests in flight re-issued elsewhere
+    probe_interval_s: float = 0.5  # a backend marked down is probed on /health this often
+    wait_for_backend_s: float = 30  # with every backend down, a request waits this long for one
 
 
 class BackendUnavailable(Exception):
@@ -47,48 +67,30 @@ class Router:
     ``probe(url, timeout_s) -> HTTP status`` does the health checks' GETs.
     """
 
-    def __init__(
-        self,
-        base_urls: list[str],
-        *,
-        policy: str = "least_loaded",
-        session_ttl_s: float = 1800.0,
-        max_sessions: int = 100_000,
-        group_affinity: bool = True,
-        group_affinity_slack: int = 4,
-        probe: Probe,
-        health_interval_s: float = 2.0,
-        health_timeout_s: float = 2.0,
-        health_failures: int = 3,
-        probe_interval_s: float = 0.5,
-        max_failovers: int | None = None,
-        wait_for_backend_s: float = 30.0,
-        registry: CollectorRegistry | None = None,
-    ) -> None:
-        if isinstance(base_urls, str):
-            base_urls = base_urls.split(",")
-        urls = [u.strip().rstrip("/") for u in base_urls if u and u.strip()]
+    def __init__(self, config: RoutingSettings, *, probe: Probe, max_failovers: int | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        urls = [u.rstrip("/") for u in config.base_url]
         if not urls:
             raise ValueError("Router needs at least one backend URL")
         if len(set(urls)) != len(urls):
             raise ValueError(f"duplicate backend URLs: {urls}")
-        if wait_for_backend_s < 0:
-            raise ValueError(f"wait_for_backend_s must be >= 0, got {wait_for_backend_s}")
+        if config.wait_for_backend_s < 0:
+            raise ValueError(f"wait_for_backend_s must be >= 0, got {config.wait_for_backend_s}")
         if max_failovers is not None and max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {max_failovers}")
         self.backends = [Backend(u, i) for i, u in enumerate(urls)]
-        self.policy: Policy = make_policy(policy)
+        self.policy: Policy = make_policy(config.routing_policy)
         self.policy.bind(self.backends)
         on_result = type(self.policy).on_result
         self._on_result = self.policy.on_result if on_result is not Policy.on_result else None
-        self.sessions = SessionTable(session_ttl_s, max_sessions)
-        self.groups = GroupAffinity(group_affinity_slack, max_sessions) if group_affinity else None
-        self.health = HealthChecks(probe, interval_s=health_interval_s, timeout_s=health_timeout_s,
-                                   failures=health_failures, down_interval_s=probe_interval_s,
+        self.sessions = SessionTable(config.session_ttl_s, config.max_sessions)
+        self.groups = GroupAffinity(config.group_affinity_slack, config.max_sessions) if config.group_affinity else None
+        self.health = HealthChecks(probe, interval_s=config.health_interval_s, timeout_s=config.health_timeout_s,
+                                   failures=config.health_failures, down_interval_s=config.probe_interval_s,
                                    on_down=self._mark_down, on_up=self._mark_up, cut_off=self._cut_off)
         self._started = False
         self.max_failovers = len(self.backends) if max_failovers is None else max_failovers
-        self.wait_for_backend_s = wait_for_backend_s
+        self.wait_for_backend_s = config.wait_for_backend_s
         self._healthy: list[Backend] = list(self.backends)
         self._up = asyncio.Event()
         self._up.set()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import orjson
 
-from nemo_gym_cli.config.typed import ServerConfig, UrlList
-from nemo_gym_cli.routing import UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router
+from nemo_gym_cli.config.typed import ServerConfig
+from nemo_gym_cli.routing import (UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router,
+                                  RoutingSettings)
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.client import backoff_delay, error_message
 from nemo_gym_cli.serving.http11 import ProtocolError
@@ -42,25 +43,15 @@ def _snippet(raw: bytes) -> str:
 
 
 @dataclass(kw_only=True)
-class UpstreamConfig(ServerConfig):
-    """Where and how a model adapter calls its OpenAI-compatible upstream servers. Every default
-    of these fields is here, one line each."""
+class UpstreamConfig(ServerConfig, RoutingSettings):
+    """Where and how a model adapter calls its OpenAI-compatible upstream servers: base_url and
+    the routing fields are RoutingSettings (routing/router.py); every default of the others is
+    here, one line each."""
 
-    base_url: UrlList  # one URL, a comma-separated string of URLs, or a list: one backend each
     model: str  # the model name the upstream serves (sent in every request)
     api_key: str | None = None  # sent as a Bearer token unless empty or "EMPTY"
     timeout_s: float = 600  # per upstream request
     max_retries: int = 3  # 429/500 retried on the same backend; refused/reset/timeouts fail over
-    routing_policy: Literal["least_loaded", "round_robin", "hash"] = "least_loaded"  # new sessions; all sticky
-    group_affinity: bool = True  # the repeats of one prompt on one backend while load allows
-    group_affinity_slack: int = 4  # ...unless that backend has this many more in flight than the least loaded
-    session_ttl_s: float = 1800  # a session idle this long is forgotten
-    max_sessions: int = 100_000  # sessions remembered at most (least recently used go first)
-    health_interval_s: float = 2  # GET /health on every backend this often (0: only after a failed request)
-    health_timeout_s: float = 2  # a /health slower than this is a failed check
-    health_failures: int = 3  # failed checks in a row: down, its requests in flight re-issued elsewhere
-    probe_interval_s: float = 0.5  # a backend marked down is probed on /health this often
-    wait_for_backend_s: float = 30  # with every backend down, a request waits this long for one
     preflight_timeout_s: float = 5  # ng_run's check of every backend (all in parallel) takes at most this long
 
 
@@ -75,21 +66,8 @@ class Upstream:
             self.headers["Authorization"] = f"Bearer {cfg.api_key}"
         self.timeout_s = cfg.timeout_s
         self.max_retries = cfg.max_retries
-        self.router = Router(
-            cfg.base_url,
-            policy=cfg.routing_policy,
-            session_ttl_s=cfg.session_ttl_s,
-            max_sessions=cfg.max_sessions,
-            group_affinity=cfg.group_affinity,
-            group_affinity_slack=cfg.group_affinity_slack,
-            probe=lambda url, timeout_s: server.client.health_status(url, timeout_s),  # the requests' client
-            health_interval_s=cfg.health_interval_s,
-            health_timeout_s=cfg.health_timeout_s,
-            health_failures=cfg.health_failures,
-            probe_interval_s=cfg.probe_interval_s,
-            wait_for_backend_s=cfg.wait_for_backend_s,
-            registry=server.registry,
-        )
+        self.router = Router(cfg, probe=lambda url, timeout_s: server.client.health_status(url, timeout_s),  # the requests' client
+                             registry=server.registry)
 
     def start(self) -> None:
         self.router.start()
