@@ -11,14 +11,10 @@ import re
 import signal
 import subprocess
 
-import pytest
-
+from nemo_gym_cli.graph.supervisor import RestartPolicy
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, script, wait_until, weather_env
 from nemo_gym_cli.testing.harness.scenarios import (alive, by_name, read_lines, relay, server_processes, start_pair,
                                                    wait_for_exit, write_rows)
-
-from nemo_gym_cli.config import CONF_DIR
-from nemo_gym_cli.graph.supervisor import RestartPolicy
 
 FAST = ["+restarts.backoff_s=0.1"]
 
@@ -106,8 +102,6 @@ def test_restart_backoff_doubles_to_a_cap_and_a_storm_is_refused():
 
 
 def test_a_resources_server_killed_mid_run_is_restarted_and_the_run_completes(standins, graph, tmp_path):
-    if "max_attempts" not in (CONF_DIR / "ng_collect_rollouts.yaml").read_text():
-        pytest.skip("needs the collector's +max_attempts retries (issue 9 point 3)")
     backends = standins(2)
     g = graph([VLLM_MODEL, WEATHER], env=weather_env(backends), args=FAST)
     weather_pid = by_name(g)["simple_weather"]["pid"]

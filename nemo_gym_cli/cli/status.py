@@ -13,11 +13,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from nemo_gym_cli.config import head_url
+from nemo_gym_cli.config import MODEL_SERVERS, head_url
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 from nemo_gym_cli.serving.logs import make_console
 
-MODEL_TYPE = "responses_api_models"
 WATCH_INTERVAL_S = 1.0
 DASH = "-"
 
@@ -59,7 +58,7 @@ async def take_snapshot(client: ServerClient) -> Snapshot:
         except ServerCallError:
             return []  # an older head server
 
-    models = [s for s in servers if s.get("server_type") == MODEL_TYPE and s.get("url")]
+    models = [s for s in servers if s.get("server_type") == MODEL_SERVERS and s.get("url")]
     answers, views, running = await asyncio.gather(
         asyncio.gather(*(health(s) for s in servers)), asyncio.gather(*(backends(s) for s in models)), collections())
     return Snapshot(servers, list(answers), {s["name"]: v for s, v in zip(models, views)}, running)

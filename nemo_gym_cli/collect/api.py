@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
-from nemo_gym_cli.collect.jobs import AGENT_TYPE, Job, Repeats, agent_ref, iter_rows
+from nemo_gym_cli.collect.jobs import Job, Repeats, agent_ref, iter_rows
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
+from nemo_gym_cli.config import AGENT_SERVERS, MODEL_SERVERS
 from nemo_gym_cli.config import head_url as default_head_url
 from nemo_gym_cli.serving.client import HttpClientConfig, ServerCallError, ServerClient
 
-MODEL_TYPE = "responses_api_models"
 RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
 
 
@@ -186,14 +186,23 @@ async def run_agent(job: Job, client: ServerClient) -> dict:
         raise ServerCallError(job.agent, "/run", f"/run returned {type(result).__name__}, expected a JSON object", 502)
     result["_ng_task_index"] = job.task
     result["_ng_rollout_index"] = job.rollout
-    result["agent_ref"] = {"type": AGENT_TYPE, "name": job.agent}
+    result["agent_ref"] = {"type": AGENT_SERVERS, "name": job.agent}
     return result
 
 
 async def list_agents(client: ServerClient) -> list[dict]:
     """The agents the head server knows (raises ServerCallError when it does not answer)."""
     servers = await client.request_json("GET", f"{client.head_url}/servers", server="head server", timeout_s=5, retries=1)
-    return [s for s in servers if s.get("server_type") == "responses_api_agents"]
+    return [s for s in servers if s.get("server_type") == AGENT_SERVERS]
+
+
+async def model_servers(client: ServerClient) -> list[str]:
+    """The URLs of the model servers the head server knows ([] when it does not answer)."""
+    try:
+        servers = await client.servers()
+    except ServerCallError:
+        return []
+    return [s["url"] for s in servers if s.get("server_type") == MODEL_SERVERS and s.get("url")]
 
 
 def collector_client(head_url: str, http_config: dict | None, most_in_flight: int) -> ServerClient:
@@ -224,8 +233,7 @@ async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
         jobs = iter_rows(rows, Repeats(num_repeats), agent_name, responses_create_params)
         run = RolloutRun(jobs, client, limit, max_attempts=max_attempts, agents=agents)
         if auto:
-            models = [s["url"] for s in await client.servers() if s.get("server_type") == MODEL_TYPE and s.get("url")]
-            controller = AutoConcurrency(limit, adapters_reader(client, models), run.in_flight, maximum=concurrency_max)
+            controller = AutoConcurrency(limit, adapters_reader(client, await model_servers(client)), run.in_flight, maximum=concurrency_max)
             controller.start()
         async with contextlib.aclosing(run.__aiter__()) as outcomes:  # leaving early cancels what is in flight
             async for outcome in outcomes:

@@ -16,13 +16,13 @@ from pathlib import Path
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
-from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, collector_client, list_agents
+from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, collector_client, list_agents, model_servers
 from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.collect.publish import ProgressPublisher
-from nemo_gym_cli.collect.report import backend_counts, model_servers, report, spread
+from nemo_gym_cli.collect.report import backend_counts, report, spread
 from nemo_gym_cli.collect.stats import Stats
-from nemo_gym_cli.config import Composed, head_url, resolve_path
+from nemo_gym_cli.config import AGENT_SERVERS, Composed, head_url, resolve_path
 from nemo_gym_cli.serving.client import ServerCallError
 from nemo_gym_cli.serving.logs import make_console
 
@@ -138,7 +138,7 @@ class Collector:
             return {}
         thresholds = {}
         for name in agents:
-            impls = ((config or {}).get(name) or {}).get("responses_api_agents") or {}
+            impls = ((config or {}).get(name) or {}).get(AGENT_SERVERS) or {}
             for impl in impls.values():
                 if isinstance(impl, dict) and isinstance(impl.get("pass_threshold"), (int, float)):
                     thresholds[name] = float(impl["pass_threshold"])

@@ -14,7 +14,8 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
-AGENT_TYPE = "responses_api_agents"
+from nemo_gym_cli.config import AGENT_SERVERS
+
 DEFAULT_KEY = "_default"
 
 
@@ -68,13 +69,13 @@ def agent_of(row: dict, default: str | None) -> tuple[str | None, str | None]:
         return None, "row names no agent: give it agent_ref {type: responses_api_agents, name: ...} or pass +agent_name=..."
     if not isinstance(ref, dict) or not isinstance(ref.get("name"), str) or not ref["name"]:
         return None, f"agent_ref must be {{type: responses_api_agents, name: <agent>}}, got {ref!r}"
-    if ref.get("type", AGENT_TYPE) != AGENT_TYPE:
-        return None, f"agent_ref.type must be '{AGENT_TYPE}', got {ref.get('type')!r}"
+    if ref.get("type", AGENT_SERVERS) != AGENT_SERVERS:
+        return None, f"agent_ref.type must be '{AGENT_SERVERS}', got {ref.get('type')!r}"
     return ref["name"], None
 
 
 def agent_ref(name: str | None) -> dict | None:
-    return {"type": AGENT_TYPE, "name": name} if name else None
+    return {"type": AGENT_SERVERS, "name": name} if name else None
 
 
 def check_row(row: Any, where: str) -> str | None:

@@ -8,15 +8,7 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
-
-
-async def model_servers(client: ServerClient) -> list[str]:
-    try:
-        servers = await client.servers()
-    except ServerCallError:
-        return []
-    return [s["url"] for s in servers if s.get("server_type") == "responses_api_models" and s.get("url")]
+from nemo_gym_cli.serving.client import ServerClient
 
 
 async def backend_counts(client: ServerClient, urls: list[str]) -> dict[str, float]:

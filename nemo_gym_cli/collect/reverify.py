@@ -16,6 +16,7 @@ import orjson
 from nemo_gym_cli.collect import jobs as J
 from nemo_gym_cli.collect.cli import Collector, SetupError
 from nemo_gym_cli.collect.stats import Stats
+from nemo_gym_cli.config import AGENT_SERVERS
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 
 HELP = """usage: ng_reverify +input_jsonl_fpath=ROLLOUTS.jsonl +output_jsonl_fpath=REVERIFIED.jsonl [+agent_name=NAME]
@@ -75,7 +76,7 @@ class Reverifier(Collector):
         except ServerCallError as e:
             raise SetupError(f"cannot read the graph's config from {self.client.head_url} ({e.message})") from None
         for name in agents:
-            for impl in ((config or {}).get(name) or {}).get("responses_api_agents", {}).values():
+            for impl in ((config or {}).get(name) or {}).get(AGENT_SERVERS, {}).values():
                 ref = impl.get("resources_server") if isinstance(impl, dict) else None
                 if isinstance(ref, dict) and ref.get("name"):
                     self.resources[name] = str(ref["name"])

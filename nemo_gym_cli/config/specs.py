@@ -9,7 +9,8 @@ from typing import Any
 
 from nemo_gym_cli.config.paths import base_defaults, search_roots
 
-SERVER_TYPES = ("responses_api_models", "resources_servers", "responses_api_agents")
+MODEL_SERVERS, RESOURCES_SERVERS, AGENT_SERVERS = "responses_api_models", "resources_servers", "responses_api_agents"
+SERVER_TYPES = (MODEL_SERVERS, RESOURCES_SERVERS, AGENT_SERVERS)
 RESTART_POLICIES = ("on-failure", "never")
 
 

@@ -8,16 +8,15 @@ import asyncio
 from rich.table import Table
 from rich.text import Text
 
+from nemo_gym_cli.config import MODEL_SERVERS
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
-
-MODEL_TYPE = "responses_api_models"
 
 
 async def preflight_models(servers: list[dict], timeout_s: float = 30.0) -> tuple[list[str], list[str], dict[str, dict]]:
     """(errors, warnings, report per model server name). A model server without /preflight
     (a user's own adapter) is skipped."""
     client = ServerClient({"max_retries": 0})
-    models = [s for s in servers if s.get("server_type") == MODEL_TYPE and s.get("url")]
+    models = [s for s in servers if s.get("server_type") == MODEL_SERVERS and s.get("url")]
 
     async def ask(s: dict) -> dict | None:
         try:

@@ -72,7 +72,7 @@ class ServerCallError(Exception):
 def failure_kind(e: BaseException) -> str:
     """How a connection failed: refused (nothing listens), not_sent (could not connect otherwise),
     reset (closed under the call), timeout, other."""
-    if isinstance(e, (NotSent, aiohttp.ClientConnectorError)):
+    if isinstance(e, NOT_SENT_ERRORS):
         cause = e.__cause__ if isinstance(e, NotSent) else e.os_error
         return "refused" if isinstance(cause, ConnectionRefusedError) else "not_sent"
     if isinstance(e, ConnectionRefusedError):
