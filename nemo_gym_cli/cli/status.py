@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nemo_gym_cli.config import MODEL_SERVERS, head_url
+from nemo_gym_cli.graph.head import node_label
 from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 from nemo_gym_cli.serving.logs import make_console
 
@@ -70,13 +71,13 @@ def _num(value, fmt: str = "{:g}") -> str:
 
 def servers_table(snap: Snapshot, head: str) -> Table:
     table = Table(title=f"head server {head}")
-    for col in ("name", "type", "impl", "url", "pid", "state", "restarts", "answers"):
+    for col in ("name", "type", "impl", "url", "node", "pid", "state", "restarts", "answers"):
         table.add_column(col)
     for s, why in zip(snap.servers, snap.answers):
         answer = Text("up", style="green") if why is None else Text(f"down ({why})", style="red")
         name = s["name"] if not s.get("replica") else f"{s['name']}#{s['replica']}"
         table.add_row(Text(name), s["server_type"], Text(s["impl"]), Text(s.get("url") or DASH),
-                      str(s.get("pid") or DASH), s["state"], str(s.get("restarts", 0)), answer)
+                      Text(node_label(s) if s.get("node") else DASH), str(s.get("pid") or DASH), s["state"], str(s.get("restarts", 0)), answer)
     return table
 
 

@@ -1,7 +1,8 @@
 """The head server: the registry of the graph, living in the ng_run process.
 
 Every replica of every server binds its own port and registers `{name, url, pid, replica,
-node}` here (no bind-then-close port race); clients resolve names through `GET /servers`,
+node, host}` here (node: the Ray node id, or this host's name for a local process; host: the
+address of the machine it runs on, for a Ray actor) (no bind-then-close port race); clients resolve names through `GET /servers`,
 one entry per replica. A replica that exits loses its url until it registers again; a
 restart (counted in `restarts`) keeps its entry. `GET /config` shows the resolved config
 with secrets masked. It is one of our servers: same routing, JSON errors and /metrics.
@@ -22,6 +23,12 @@ from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 SERVING = ("registered", "ready")  # states in which a replica's url answers
 
 
+def node_label(entry: dict) -> str:
+    """Where a registered replica runs, for tables: its host address and Ray node id, or its node."""
+    node, host = entry.get("node") or "-", entry.get("host")
+    return f"{host} (node {node[:12]})" if host and host != node else node
+
+
 class HeadServer(BaseServer):
     def __init__(self, config: dict, specs: dict[str, ServerSpec]):
         super().__init__("head server", {}, global_config=config)
@@ -29,7 +36,7 @@ class HeadServer(BaseServer):
         self.started_at = time.time()
         self.servers: dict[tuple[str, int], dict] = {
             (name, r): {"name": name, "server_type": s.server_type, "impl": s.impl, "replica": r, "url": None,
-                        "pid": None, "node": None, "state": "starting", "restarts": 0}
+                        "pid": None, "node": None, "host": None, "state": "starting", "restarts": 0}
             for name, s in specs.items() for r in range(s.replicas)
         }
         self.running: RunningServer | None = None
@@ -48,7 +55,8 @@ class HeadServer(BaseServer):
     def entry(self, name: str, replica: int = 0) -> dict:
         return self.servers[(name, replica)]
 
-    def register(self, name: str, url: str, pid: int, replica: int = 0, node: str | None = None) -> dict:
+    def register(self, name: str, url: str, pid: int, replica: int = 0, node: str | None = None,
+                 host: str | None = None) -> dict:
         entry = self.servers.get((name, replica))
         if entry is None:
             raise KeyError(f"{name} replica {replica}")
@@ -59,7 +67,8 @@ class HeadServer(BaseServer):
             restarted = True
         # A first registration becomes "ready" once ng_run's /health probe answers; a restarted
         # replica registers only once it serves, so it is ready at once.
-        entry.update(url=url, pid=pid, node=node or socket.gethostname(), state="ready" if restarted else "registered")
+        entry.update(url=url, pid=pid, node=node or socket.gethostname(), host=host,
+                     state="ready" if restarted else "registered")
         return entry
 
     def set_state(self, name: str, replica: int, state: str) -> None:
@@ -87,11 +96,11 @@ class HeadServer(BaseServer):
     @route("/register")
     async def register_server(self, body: Any, ctx: RequestContext) -> Any:
         try:
-            node = body.get("node")
+            node, host = body.get("node"), body.get("host")
             self.register(str(body["name"]), str(body["url"]), int(body.get("pid") or 0), int(body.get("replica") or 0),
-                          str(node) if node else None)
+                          str(node) if node else None, str(host) if host else None)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise HTTPError(400, f"bad registration ({type(e).__name__}: {e}); expected {{name, url, pid, replica, node}} "
+            raise HTTPError(400, f"bad registration ({type(e).__name__}: {e}); expected {{name, url, pid, replica, node, host}} "
                                  f"of a configured server replica") from None
         return {}
 

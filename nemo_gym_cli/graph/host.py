@@ -18,13 +18,15 @@ from nemo_gym_cli.serving.client import ServerCallError, ServerClient
 
 
 async def host_servers(config: dict, names: list[str], replica: int, stop: asyncio.Event, *,
-                       bind_host: str | None = None, node: str | None = None, advertise_host: str | None = None,
+                       bind_host: str | None = None, node: str | None = None, host: str | None = None,
+                       advertise_host: str | None = None,
                        on_serving: Callable[[], None] | None = None) -> int:
     """Serve `names` (more than one: co-located, calling each other without HTTP) as `replica`
     until `stop` is set; returns an exit code (1: could not start or register).
 
     bind_host: the address to bind instead of the configured one (a Ray node's address);
     node: what /servers shows as the replica's node (default: this host's name);
+    host: the address of the machine it runs on, shown with the node (a Ray node's address);
     advertise_host: the address others reach it at when it binds every address (0.0.0.0);
     on_serving: called once every server serves and is registered.
     """
@@ -36,9 +38,9 @@ async def host_servers(config: dict, names: list[str], replica: int, stop: async
         for name in names:  # build all first: a co-located server may call another from on_startup
             local[name] = build_server(specs[name], config, client)
         for name in names:
-            host, port = bind_address(specs[name], config)
-            running.append(await serve(local[name], bind_host or host, port))
-            if advertise_host and (bind_host or host) in ("0.0.0.0", ""):
+            configured_host, port = bind_address(specs[name], config)
+            running.append(await serve(local[name], bind_host or configured_host, port))
+            if advertise_host and (bind_host or configured_host) in ("0.0.0.0", ""):
                 running[-1].url = running[-1].url.replace("//127.0.0.1:", f"//{advertise_host}:")
     except Exception as e:
         # A config mistake or a busy port: one clear line; a bug in the server: its traceback too.
@@ -52,7 +54,8 @@ async def host_servers(config: dict, names: list[str], replica: int, stop: async
     for name, r in zip(names, running):
         try:
             await client.request_json("POST", f"{client.head_url}/register",
-                                      {"name": name, "url": r.url, "pid": os.getpid(), "replica": replica, "node": node},
+                                      {"name": name, "url": r.url, "pid": os.getpid(), "replica": replica, "node": node,
+                                       "host": host},
                                       server="head server", timeout_s=10)
         except ServerCallError as e:
             print(f"server '{name}' cannot register with the head server: {e}", file=sys.stderr)

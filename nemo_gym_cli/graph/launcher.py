@@ -25,7 +25,7 @@ from rich.table import Table
 from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
 from nemo_gym_cli.graph import ray_runner
 from nemo_gym_cli.graph.build import COLOCATED_ARG
-from nemo_gym_cli.graph.head import HeadServer
+from nemo_gym_cli.graph.head import HeadServer, node_label
 from nemo_gym_cli.graph.preflight import backends_table, preflight_models
 from nemo_gym_cli.graph.processes import LocalProcess
 from nemo_gym_cli.graph.supervisor import ReplicaRunner, RestartPolicy, Supervisor
@@ -210,7 +210,7 @@ class Launcher:
             table.add_column(col)
         for s in self.head.servers.values():
             table.add_row(s["name"], s["server_type"], s["impl"], *((str(s["replica"]),) if with_replicas else ()),
-                          s["url"], str(s["pid"]), *((str(s["node"]),) if with_nodes else ()))
+                          s["url"], str(s["pid"]), *((node_label(s),) if with_nodes else ()))
         console.print(table)
         if self.backend_reports:
             console.print(backends_table(self.backend_reports))
@@ -243,7 +243,12 @@ async def run_graph(composed: Composed) -> int:
         console.print(f"ng_run: {e}", style="red", markup=False)
         return 1
     launcher = Launcher(composed)
-    replicas = ray_runner.RayReplicas(ray, launcher.config, launcher.head, lambda text: console.print(text, markup=False))
+    try:
+        replicas = ray_runner.RayReplicas(ray, launcher.config, launcher.head, lambda text: console.print(text, markup=False))
+    except ray_runner.RayUnavailable as e:
+        console.print(f"ng_run: {e}", style="red", markup=False)
+        ray.shutdown()
+        return 1
     launcher.runner_factory = replicas.factory
     try:
         return await launcher.run()

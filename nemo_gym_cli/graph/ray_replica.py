@@ -2,7 +2,8 @@
 
 The actor serves the same aiohttp server as a child process would, on its own event loop in
 a thread of its own, bound to its node's address (or the instance's `host`), and registers
-`{name, url, pid, replica, node}` with the head server, node being the Ray node id. Ray runs
+`{name, url, pid, replica, node, host}` with the head server, node being the Ray node id and
+host its address (what Ray says this node is at: reachable from the other nodes). Ray runs
 `__init__` again when it restarts the actor, so a restarted replica serves and registers again
 by itself. The driver (ng_run) only asks it when it is ready, waits for it to end, stops it.
 """
@@ -87,6 +88,7 @@ async def serve_replica(actor: ReplicaActor) -> None:
         actor.serving.set()
 
     code = await host_servers(actor.config, [actor.name], actor.replica, actor.stop_event, bind_host=bind_host,
-                              node=actor.node_id, advertise_host=actor.node_ip, on_serving=serving)
+                              node=actor.node_id, host=actor.node_ip, advertise_host=actor.node_ip,
+                              on_serving=serving)
     if code != 0:
         raise RuntimeError(f"server '{actor.name}' could not start or register (exit code {code}; its lines above say why)")

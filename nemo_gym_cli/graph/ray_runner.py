@@ -8,14 +8,17 @@ in one placement group packed onto as few nodes as fit. Ray restarts
 a replica whose process dies (`max_restarts`, default 3); the restarted actor serves and
 registers again, and the head server counts the restart. Stopping ng_run stops every actor it
 started (and Ray removes them when the driver exits anyway). The head server and the
-collector stay on the ng_run node.
+collector stay on the ng_run node; actors reach the head server at `ray.head_server_host`,
+by default this machine's address on the cluster network (head_server_host() says how).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import os
+import socket
 from typing import Any, Callable
 
 from nemo_gym_cli.config import ServerSpec
@@ -54,10 +57,15 @@ def check_ray_config(config: dict, specs: dict[str, ServerSpec]) -> list[str]:
     return problems
 
 
+def is_client_address(address: str) -> bool:
+    """A Ray Client address (ray://host:port): the driver runs here but is no node of the cluster."""
+    return address.startswith("ray://")
+
+
 def connect(config: dict) -> Any:
     """Attach to the cluster at `ray.address` as its driver; returns the `ray` module."""
     address = str(ray_address(config))
-    if address.startswith(LOOPBACK):
+    if address.removeprefix("ray://").startswith(LOOPBACK):
         # Ray rewrites a loopback address to this host's outward IP unless told the cluster
         # lives on loopback (as a one-machine test cluster with node_ip_address 127.0.0.1 does).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -74,21 +82,80 @@ def connect(config: dict) -> Any:
     return ray
 
 
-def driver_ip(ray: Any) -> str:
-    """This node's address as the cluster sees it (the head server binds it too, for the actors)."""
-    return str(ray.util.get_node_ip_address())
+def head_server_host(ray: Any, config: dict) -> str:
+    """The address actors reach the head server at: `ray.head_server_host` if set, else this
+    machine's address on the cluster network. A driver attached through the GCS is a node, so
+    that is its node address; a Ray Client driver (ray://) is not, so it is the local address on
+    the route to the head node (what the kernel would send from). Never loopback for a cluster
+    whose nodes are not on loopback: no other node could reach it."""
+    configured = (config.get("ray") or {}).get("head_server_host")
+    if configured:
+        return str(configured)
+    if not is_client_address(str(ray_address(config))):
+        return str(ray.util.get_node_ip_address())
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    head = next((n for n in nodes if "node:__internal_head__" in (n.get("Resources") or {})), nodes[0] if nodes else None)
+    if head is None:
+        raise RayUnavailable("the Ray cluster reports no live node")
+    host = route_source(str(head["NodeManagerAddress"]))
+    if _is_loopback(host) and not all(_is_loopback(str(n["NodeManagerAddress"])) for n in nodes):
+        raise RayUnavailable(f"this machine reaches the Ray head node {head['NodeManagerAddress']} only over loopback, "
+                             f"which other nodes cannot use to reach the head server: set +ray.head_server_host=<an address "
+                             f"of this machine that every node reaches>")
+    return host
+
+
+def route_source(ip: str) -> str:
+    """The local address this machine sends from to reach `ip` (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((ip, 9))
+        return str(s.getsockname()[0])
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def expose(head: Any, host: str, port: int) -> None:
     """Serve the head server on `host` too (it keeps its loopback address for ng_status and the collector)."""
     from aiohttp import web
 
-    await web.TCPSite(head.running.runner, host, port, backlog=4096).start()
+    try:
+        await web.TCPSite(head.running.runner, host, port, backlog=4096).start()
+    except OSError as e:
+        raise RayUnavailable(f"cannot serve the head server for the actors on {host}:{port} ({e.strerror}): "
+                             f"+ray.head_server_host must be an address of this machine") from None
 
 
 async def _result(ref: Any, timeout_s: float | None = None) -> Any:
-    future = asyncio.wrap_future(ref.future())
-    return await (asyncio.wait_for(future, timeout_s) if timeout_s else future)
+    """The value of a Ray object ref, awaited without blocking the loop. Our wait may time out or
+    be cancelled; Ray's own future is left to complete (Ray Client's callback thread raises
+    InvalidStateError into the log when it finds that future cancelled)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def relay(done: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(_settle, waiter, done)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    ref.future().add_done_callback(relay)
+    return await (asyncio.wait_for(waiter, timeout_s) if timeout_s else waiter)
+
+
+def _settle(waiter: asyncio.Future, done: Any) -> None:
+    if waiter.done():  # our wait timed out or was cancelled
+        return
+    error = done.exception()
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(done.result())
 
 
 class RayReplicas:
@@ -106,6 +173,7 @@ class RayReplicas:
         self.ready_timeout_s = float(config.get("ready_timeout_s", 60))
         self.actor_class = ray.remote(ReplicaActor)
         self.groups: dict[str, Any] = {}
+        self.head_host = head_server_host(ray, config)
         self._actor_config: dict | None = None
         self._exposing = asyncio.Lock()
 
@@ -113,15 +181,15 @@ class RayReplicas:
         return self.runner(spec, replica)
 
     async def actor_config(self) -> dict:
-        """The config actors get: the head server at this node's address, which they can reach."""
+        """The config actors get: the head server at an address every node can reach."""
         async with self._exposing:
             if self._actor_config is None:
-                ip, port = driver_ip(self.ray), int(self.head.url.rsplit(":", 1)[1])
+                host, port = self.head_host, int(self.head.url.rsplit(":", 1)[1])
                 bound = self.head.url.split("//", 1)[1].rsplit(":", 1)[0]
-                if ip != bound:
-                    await expose(self.head, ip, port)
+                if host != bound and bound not in ("0.0.0.0", "[::]"):
+                    await expose(self.head, host, port)
                 self._actor_config = {**self.config, "head_server": {**(self.config.get("head_server") or {}),
-                                                                     "host": ip, "port": port}}
+                                                                     "host": host, "port": port}}
             return self._actor_config
 
     def on_restart(self, name: str, replica: int, dead_pid: int | None) -> None:

@@ -22,8 +22,8 @@ from nemo_gym_cli.testing.harness.standin import StandIn
 def standins(tmp_path):
     started: list[StandIn] = []
 
-    def start(n: int = 1, *flags: str) -> list[StandIn]:
-        new = [StandIn(tmp_path, *flags) for _ in range(n)]
+    def start(n: int = 1, *flags: str, **options) -> list[StandIn]:
+        new = [StandIn(tmp_path, *flags, **options) for _ in range(n)]  # options: host
         started.extend(new)
         return new
 
@@ -42,9 +42,9 @@ def graph(tmp_path):
     started: list[Graph] = []
 
     def start(config_paths: list[str], env: dict | None = None, args: list[str] = (), colocate: bool = False,
-              wait: bool = True, timeout: float = 60) -> Graph:
+              wait: bool = True, timeout: float = 60, **options) -> Graph:
         colocate = colocate or os.environ.get("NG_TEST_COLOCATE") == "1"
-        g = Graph(tmp_path, list(config_paths), env, list(args), colocate, wait=False)
+        g = Graph(tmp_path, list(config_paths), env, list(args), colocate, wait=False, **options)  # host, process_env
         started.append(g)  # stopped at teardown even when it never gets ready
         if wait:
             g.wait_ready(timeout)

@@ -12,6 +12,7 @@ import psutil
 import yaml
 
 from nemo_gym_cli.testing.harness.http_calls import http_json
+from nemo_gym_cli.testing.harness.netns import LOCAL, Host
 from nemo_gym_cli.testing.harness.processes import GaveUp, free_port, script, start_process, stop_process, wait_until
 
 # The weather graph every test and bench starts: the vLLM adapter + simple_weather (+ its agent).
@@ -28,11 +29,13 @@ def weather_env(standins: Iterable) -> dict:
 
 
 class Graph:
-    """`ng_run +config_paths=[...]` started in `cwd` (env.yaml written there, like a user would)."""
+    """`ng_run +config_paths=[...]` started in `cwd` (env.yaml written there, like a user would),
+    on `host` (netns.py: another network namespace; the head server is reached there)."""
 
     def __init__(self, cwd: Path, config_paths: Iterable[str], env_yaml: dict | None = None, args: Iterable[str] = (),
-                 colocate: bool = False, wait: bool = True, timeout: float = 60):
-        self.cwd = Path(cwd)
+                 colocate: bool = False, wait: bool = True, timeout: float = 60, host: Host = LOCAL,
+                 process_env: dict | None = None):
+        self.cwd, self.host = Path(cwd), host
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.head_port = free_port()
         self.head = f"http://127.0.0.1:{self.head_port}"
@@ -43,7 +46,7 @@ class Graph:
         if colocate:
             self.args.append("+colocate=true")
         self.log_path = self.cwd / f"ng_run_{self.head_port}.log"
-        self.proc = start_process([script("ng_run"), *self.args], self.log_path, cwd=self.cwd)
+        self.proc = start_process(host.argv([script("ng_run"), *self.args]), self.log_path, cwd=self.cwd, env=process_env)
         self.startup_s: float | None = None
         self.children: list[psutil.Process] = []  # ng_run's process tree once ready
         if wait:
@@ -60,7 +63,7 @@ class Graph:
         def ready():
             if self.proc.poll() is not None:
                 raise GaveUp(f"ng_run exited with {self.proc.returncode}:\n{self.output()}")
-            servers = http_json(self.head + "/servers", timeout=2)[1]
+            servers = self.host.call(http_json, self.head + "/servers", timeout=2)[1]
             return servers and all(s["state"] == "ready" for s in servers) and READY_LINE.search(self.output())
 
         try:
@@ -75,7 +78,7 @@ class Graph:
         return self
 
     def servers(self) -> list[dict]:
-        return http_json(self.head + "/servers")[1]
+        return self.host.call(http_json, self.head + "/servers")[1]
 
     def url(self, name: str) -> str:
         return next(s["url"] for s in self.servers() if s["name"] == name)

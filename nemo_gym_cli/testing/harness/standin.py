@@ -9,21 +9,23 @@ from pathlib import Path
 from typing import Iterable
 
 from nemo_gym_cli.testing.harness.http_calls import http_get, http_json
+from nemo_gym_cli.testing.harness.netns import LOCAL, Host
 from nemo_gym_cli.testing.harness.processes import GaveUp, script, start_process, stop_process, wait_until
 from nemo_gym_cli.testing.harness.prometheus import metric_sums, metric_total
 
 
 class StandIn:
-    """Started and ready (GET /health answers) once constructed; `stop()` ends it."""
+    """Started and ready (GET /health answers) once constructed; `stop()` ends it. On `host`
+    (netns.py), its URL is that host's loopback: for servers on that host."""
 
-    def __init__(self, workdir: Path, *flags: str, name: str | None = None, timeout: float = 30):
+    def __init__(self, workdir: Path, *flags: str, name: str | None = None, timeout: float = 30, host: Host = LOCAL):
         self.name = name or f"standin_{uuid.uuid4().hex[:8]}"
         self.flags = list(flags)
         port_file = Path(workdir) / f"{self.name}.port"
         port_file.unlink(missing_ok=True)
         self.log_path = port_file.with_suffix(".log")
         self.argv = [script("ng_vllm_standin"), "--port", "0", "--port-file", str(port_file), *self.flags]
-        self.proc = start_process(self.argv, self.log_path)
+        self.proc = start_process(host.argv(self.argv), self.log_path)
 
         def port() -> str:
             if self.proc.poll() is not None:
@@ -34,7 +36,8 @@ class StandIn:
             self.port = int(wait_until(port, timeout, f"stand-in {self.name} port file"))
             self.root = f"http://127.0.0.1:{self.port}"
             self.url = f"{self.root}/v1"
-            wait_until(lambda: http_json(self.root + "/health", timeout=2)[0] == 200, timeout, f"stand-in {self.name} /health")
+            wait_until(lambda: host.call(http_json, self.root + "/health", timeout=2)[0] == 200, timeout,
+                       f"stand-in {self.name} /health")
         except BaseException:
             self.stop()
             raise
