@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -45,18 +46,35 @@ PLACEMENT = {
         "ray_actor_options": {"num_cpus": 0.5, "resources": {"node_a": 1}}}}},
 }
 NODE_ARGS = ["--num-cpus=2", "--object-store-memory=80000000", "--disable-usage-stats"]
+# The Ray Client server forks a server per client from its multi-threaded gRPC process; with
+# gRPC's fork support on, that child sometimes dies (SIGSEGV) before it runs: "Starting Ray client
+# server failed", about one connection in three here once a worker has joined (README: Running on a real cluster).
+RAY_CLIENT_SERVER_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "0"}
 
 
 class Cluster:
     def __init__(self, head: NetNS, worker: NetNS, env: dict, temp: Path):
         self.head, self.worker, self.env, self.temp = head, worker, env, temp
 
-    def ray_start(self, host: NetNS, *args: str) -> None:
+    def ray_start(self, host: NetNS, *args: str, env: dict | None = None) -> subprocess.Popen:
         temp_dir = self.temp / host.name  # its own: `ray start --head` records its address there
-        done = subprocess.run(host.argv([script("ray"), "start", f"--node-ip-address={host.address}",
-                                         f"--temp-dir={temp_dir}", *NODE_ARGS, *args]),
-                              env=self.env, capture_output=True, text=True, timeout=90)
-        assert done.returncode == 0, f"ray start on {host.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return subprocess.Popen(host.argv([script("ray"), "start", f"--node-ip-address={host.address}",
+                                           f"--temp-dir={temp_dir}", *NODE_ARGS, *args]),
+                                env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def started(host: NetNS, proc: subprocess.Popen) -> None:
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert proc.returncode == 0, f"ray start on {host.name} failed:\n{out[-3000:]}"
+
+
+def gcs_answers() -> bool:
+    socket.create_connection((HEAD_IP, GCS_PORT), timeout=1).close()
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +89,14 @@ def cluster():
     try:
         with linked_hosts(f"ngr{os.getpid()}", [HEAD_IP, WORKER_IP]) as (head, worker):
             c = Cluster(head, worker, env, temp)
-            c.ray_start(head, "--head", f"--port={GCS_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
-                        "--include-dashboard=false", '--resources={"node_a": 10}')
-            c.ray_start(worker, f"--address={HEAD_IP}:{GCS_PORT}", '--resources={"node_b": 10}')
+            head_start = c.ray_start(head, "--head", f"--port={GCS_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
+                                     "--include-dashboard=false", '--resources={"node_a": 10}', env=RAY_CLIENT_SERVER_ENV)
+            # The worker joins once the head's GCS answers, while the head still starts its other parts.
+            wait_until(lambda: head_start.poll() is None and head.call(gcs_answers) or head_start.poll() is not None,
+                       60, "the Ray head's GCS")
+            worker_start = c.ray_start(worker, f"--address={HEAD_IP}:{GCS_PORT}", '--resources={"node_b": 10}')
+            started(head, head_start)
+            started(worker, worker_start)
             assert (temp / head.name / "ray_current_cluster").read_text().strip() == f"{HEAD_IP}:{GCS_PORT}"
             yield c
     finally:  # (linked_hosts ended every Ray process by pid and deleted the namespaces)

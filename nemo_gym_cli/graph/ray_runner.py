@@ -28,6 +28,10 @@ DEFAULT_ACTOR_OPTIONS = {"max_restarts": 3, "max_concurrency": 4}  # ready/wait/
 INSTALL_HINT = "pip install -e '.[ray]'"
 RESTART_POLL_S = 0.2
 LOOPBACK = ("127.", "localhost", "[::1]", "::1")
+# The head's Ray Client server forks a server per client from a multi-threaded gRPC process; with
+# gRPC's fork support on, that child sometimes crashes before it starts.
+CLIENT_SERVER_HINT = ("\n(the head node's Ray Client server could not start a server for this client; a known cause is "
+                      "gRPC's fork support: start the head with GRPC_ENABLE_FORK_SUPPORT=0 in its environment, or retry)")
 
 
 class RayUnavailable(Exception):
@@ -78,7 +82,8 @@ def connect(config: dict) -> Any:
         ray.init(address=address, namespace=str((config.get("ray") or {}).get("namespace") or "nemo_gym"),
                  log_to_driver=True, logging_level="WARNING", configure_logging=False)
     except Exception as e:  # ConnectionError, a version mismatch, a bad address ...
-        raise RayUnavailable(f"cannot attach to the Ray cluster at {address}: {type(e).__name__}: {e}") from None
+        hint = CLIENT_SERVER_HINT if "Starting Ray client server failed" in str(e) else ""
+        raise RayUnavailable(f"cannot attach to the Ray cluster at {address}: {type(e).__name__}: {e}{hint}") from None
     return ray
 
 

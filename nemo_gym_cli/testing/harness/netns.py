@@ -69,20 +69,21 @@ class NetNS(Host):
         done = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True, timeout=10)
         return [int(p) for p in done.stdout.split()]
 
-    def end_processes(self, timeout: float = 15) -> None:
-        """SIGTERM every process in the namespace, SIGKILL what is left after `timeout`."""
-        for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
-            pids = self.pids()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait_s
-            while pids and time.monotonic() < deadline:
-                pids = [p for p in self.pids() if _alive(p)]
-                if pids:
-                    time.sleep(0.1)
-            if not pids:
-                return
+def end_processes(hosts: list[NetNS], grace_s: float = 3) -> None:
+    """SIGTERM every process in the namespaces, SIGKILL what is left after `grace_s` (Ray's own
+    daemons take longer than that to exit on SIGTERM; nothing of theirs needs to survive)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
+        pids = [p for host in hosts for p in host.pids()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while pids and time.monotonic() < deadline:
+            pids = [p for host in hosts for p in host.pids() if _alive(p)]
+            if pids:
+                time.sleep(0.1)
+        if not pids:
+            return
 
 
 def _alive(pid: int) -> bool:
@@ -141,8 +142,7 @@ def linked_hosts(tag: str, addresses: list[str]) -> Iterator[list[NetNS]]:
             _ip("-n", host.name, "link", "set", f"{tag}v{side}", "up")
         yield hosts
     finally:
-        for host in made:
-            host.end_processes()
+        end_processes(made)
         for host in made:  # deleting a namespace deletes its end of the link, and so the pair
             subprocess.run(["ip", "netns", "del", host.name], capture_output=True, timeout=10)
         subprocess.run(["ip", "link", "del", f"{tag}va"], capture_output=True, timeout=10)  # if it never moved
