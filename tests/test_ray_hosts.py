@@ -27,6 +27,7 @@ import psutil
 import pytest
 import yaml
 
+from nemo_gym_cli.graph.ray_runner import RayUnavailable, head_server_host
 from nemo_gym_cli.testing.harness import (VLLM_MODEL, WEATHER, WEATHER_AGENT, http_json, metric_total, script,
                                           wait_until, weather_env)
 from nemo_gym_cli.testing.harness.http_calls import http_get
@@ -193,3 +194,30 @@ def test_a_collection_crosses_hosts_and_a_replica_killed_there_is_replaced(clust
     assert "Traceback" not in log and "InvalidStateError" not in log, log  # (Ray Client's callback errors)
     print(f"\nray hosts ({mode}): {crossed:.0f} of {ROWS} rollouts crossed hosts; test body {time.monotonic() - t0:.1f} s")
 
+
+
+class FakeRay:
+    """What head_server_host() asks of Ray: the nodes, and this driver's node address."""
+
+    def __init__(self, *node_ips: str):
+        self.node_list = [{"Alive": True, "NodeManagerAddress": ip, "Resources": {"node:__internal_head__": 1} if i == 0 else {}}
+                          for i, ip in enumerate(node_ips)]
+        self.util = type("util", (), {"get_node_ip_address": staticmethod(lambda: "10.1.2.3")})
+
+    def nodes(self) -> list[dict]:
+        return self.node_list
+
+
+@pytest.mark.parametrize("address, nodes, expected", [
+    ("ray://127.0.0.1:10001", ["127.0.0.1", "127.0.0.1"], "127.0.0.1"),  # a cluster on loopback: loopback is right
+    ("10.1.2.3:6379", ["10.1.2.3", "10.1.2.4"], "10.1.2.3"),  # attached through the GCS: its node address
+])
+def test_the_head_server_is_advertised_at_an_address_the_nodes_reach(address, nodes, expected):
+    assert head_server_host(FakeRay(*nodes), {"ray": {"address": address}}) == expected
+    configured = {"ray": {"address": address, "head_server_host": "10.9.9.9"}}
+    assert head_server_host(FakeRay(*nodes), configured) == "10.9.9.9"  # the override wins
+
+
+def test_a_loopback_head_server_address_for_a_cluster_off_loopback_is_refused():
+    with pytest.raises(RayUnavailable, match=r"\+ray.head_server_host="):
+        head_server_host(FakeRay("127.0.0.1", "192.0.2.2"), {"ray": {"address": "ray://127.0.0.1:10001"}})

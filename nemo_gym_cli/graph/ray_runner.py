@@ -102,7 +102,11 @@ def head_server_host(ray: Any, config: dict) -> str:
     head = next((n for n in nodes if "node:__internal_head__" in (n.get("Resources") or {})), nodes[0] if nodes else None)
     if head is None:
         raise RayUnavailable("the Ray cluster reports no live node")
-    host = route_source(str(head["NodeManagerAddress"]))
+    try:
+        host = route_source(str(head["NodeManagerAddress"]))
+    except OSError as e:  # no route from here to the head node
+        raise RayUnavailable(f"no route from this machine to the Ray head node {head['NodeManagerAddress']} "
+                             f"({e.strerror}): set +ray.head_server_host=<an address of this machine that every node reaches>") from None
     if _is_loopback(host) and not all(_is_loopback(str(n["NodeManagerAddress"])) for n in nodes):
         raise RayUnavailable(f"this machine reaches the Ray head node {head['NodeManagerAddress']} only over loopback, "
                              f"which other nodes cannot use to reach the head server: set +ray.head_server_host=<an address "
