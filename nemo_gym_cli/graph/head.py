@@ -15,7 +15,7 @@ from typing import Any
 
 from nemo_gym_cli.config import ServerSpec, mask_secrets
 from nemo_gym_cli.graph.build import RunningServer, serve
-from nemo_gym_cli.graph.collections import CollectionsBoard
+from nemo_gym_cli.graph.progress_board import CollectionsBoard
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 

@@ -17,10 +17,9 @@ from typing import Any, Callable
 import orjson
 
 from nemo_gym_cli.config.typed import ServerConfig
-from nemo_gym_cli.routing import (UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router,
-                                  RoutingSettings)
+from nemo_gym_cli.routing import UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router, RoutingSettings
 from nemo_gym_cli.serving.base import BaseServer
-from nemo_gym_cli.serving.client import backoff_delay, error_message
+from nemo_gym_cli.serving.errors import UNAVAILABLE_ERRORS, backoff_delay, error_message
 from nemo_gym_cli.serving.http11 import ProtocolError
 from nemo_gym_cli.serving.protocol import GROUP_HEADER, SESSION_HEADER, HTTPError, RequestContext
 
@@ -87,7 +86,7 @@ class Upstream:
                                                                        idempotent=True)
                 except ProtocolError as e:
                     raise UpstreamError(502, f"sent a malformed answer ({e})", backend.url, True) from None
-                except UNAVAILABLE_EXCEPTIONS as e:
+                except UNAVAILABLE_ERRORS as e:
                     raise BackendUnavailable(f"{type(e).__name__}: {e}".rstrip(": ")) from None
                 if status < 400:
                     try:
