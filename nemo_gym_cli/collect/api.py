@@ -212,6 +212,26 @@ def collector_client(head_url: str, http_config: dict | None, most_in_flight: in
     return ServerClient(dataclasses.replace(http, connector_limit=max(http.connector_limit, 2 * most_in_flight)), head_url)
 
 
+def starting_limit(concurrency: "int | ConcurrencyLimit | str", maximum: int) -> tuple[ConcurrencyLimit, int | None]:
+    """(the limit to start with, the most it may rise to under "auto", else None)."""
+    if concurrency == "auto":
+        return ConcurrencyLimit(min(AUTO_START, maximum)), maximum
+    return ConcurrencyLimit.of(concurrency), None
+
+
+def start_run(jobs: Iterator[Job], client: ServerClient, limit: ConcurrencyLimit, *, auto_max: int | None,
+              models: list[str], **run_args) -> tuple[RolloutRun, AutoConcurrency | None]:
+    """The run of every collection (ng_collect_rollouts, ng_reverify, collect_rollouts()): a
+    RolloutRun, and under concurrency=auto (`auto_max`) the controller that moves its limit,
+    reading the model servers at `models`; the caller stops that controller."""
+    run = RolloutRun(jobs, client, limit, **run_args)
+    controller = None
+    if auto_max:
+        controller = AutoConcurrency(limit, adapters_reader(client, models), run.in_flight, maximum=auto_max)
+        controller.start()
+    return run, controller
+
+
 async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
                            concurrency: "int | ConcurrencyLimit | str" = 100, concurrency_max: int = DEFAULT_MAXIMUM,
                            num_repeats: "int | dict[str, int]" = 1,
@@ -225,17 +245,15 @@ async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
     concurrency="auto": the limit follows the vLLM servers' gauges (autoconcurrency.py), never
     above concurrency_max. Raises ServerCallError only when the head server does not answer at the start.
     """
-    auto = concurrency == "auto"
-    limit = ConcurrencyLimit(min(AUTO_START, concurrency_max)) if auto else ConcurrencyLimit.of(concurrency)
-    client = collector_client(head_url or default_head_url({}), http_config, concurrency_max if auto else limit.value)
+    limit, auto_max = starting_limit(concurrency, concurrency_max)
+    client = collector_client(head_url or default_head_url({}), http_config, auto_max or limit.value)
     controller = None
     try:
         agents = {s["name"] for s in await list_agents(client)}
         jobs = iter_rows(rows, Repeats(num_repeats), agent_name, responses_create_params)
-        run = RolloutRun(jobs, client, limit, max_attempts=max_attempts, agents=agents)
-        if auto:
-            controller = AutoConcurrency(limit, adapters_reader(client, await model_servers(client)), run.in_flight, maximum=concurrency_max)
-            controller.start()
+        models = await model_servers(client) if auto_max else []
+        run, controller = start_run(jobs, client, limit, auto_max=auto_max, models=models, max_attempts=max_attempts,
+                                    agents=agents)
         async with contextlib.aclosing(run.__aiter__()) as outcomes:  # leaving early cancels what is in flight
             async for outcome in outcomes:
                 yield outcome.as_dict()
