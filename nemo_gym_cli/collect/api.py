@@ -23,15 +23,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
-from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
+from nemo_gym_cli.collect.autoconcurrency import AUTO_START, AutoConcurrency, adapters_reader
 from nemo_gym_cli.collect.jobs import Job, Repeats, agent_ref, iter_rows
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.config import AGENT_SERVERS, MODEL_SERVERS
 from nemo_gym_cli.config import head_url as default_head_url
+from nemo_gym_cli.config.paths import conf_defaults
 from nemo_gym_cli.serving.client import HttpClientConfig, ServerClient
 from nemo_gym_cli.serving.errors import ServerCallError
 
-RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
+# The one home of a collection's defaults (max_attempts, retry_backoff_s, ...), for this API too.
+DEFAULTS = conf_defaults("ng_collect_rollouts")
 
 
 def retryable(status: int | None) -> bool:
@@ -73,8 +75,9 @@ class RolloutRun:
     """
 
     def __init__(self, jobs: Iterator[Job], client: ServerClient, concurrency: "int | ConcurrencyLimit",
-                 max_attempts: int = 3, agents: set[str] | None = None, call: Callable | None = None,
-                 backoff_s: float = RETRY_BACKOFF_S):
+                 max_attempts: int = DEFAULTS["max_attempts"], agents: set[str] | None = None,
+                 call: Callable | None = None, backoff_s: float = DEFAULTS["retry_backoff_s"],
+                 backoff_max_s: float = DEFAULTS["retry_backoff_max_s"]):
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
         self.jobs = jobs
@@ -83,7 +86,7 @@ class RolloutRun:
         self.max_attempts = max_attempts
         self.agents = agents  # None: not checked here
         self.call = call or run_agent
-        self.backoff_s = backoff_s
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self.retries = 0  # attempts after the first, over all rollouts
         self.stopping = False
         self._pending: set[asyncio.Task] = set()
@@ -175,7 +178,7 @@ class RolloutRun:
                 return Outcome(job, error=message, status=status, attempts=attempts, reasons=reasons,
                                latency=time.perf_counter() - t0)
             self.retries += 1
-            await asyncio.sleep(random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (attempts - job.prior_attempts - 1)))
+            await asyncio.sleep(random.uniform(0.5, 1.0) * min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - job.prior_attempts - 1)))
 
 
 async def run_agent(job: Job, client: ServerClient) -> dict:
@@ -212,7 +215,7 @@ def collector_client(head_url: str, http_config: dict | None, most_in_flight: in
     return ServerClient(dataclasses.replace(http, connector_limit=max(http.connector_limit, 2 * most_in_flight)), head_url)
 
 
-def starting_limit(concurrency: "int | ConcurrencyLimit | str", maximum: int) -> tuple[ConcurrencyLimit, int | None]:
+def starting_limit(concurrency: "int | ConcurrencyLimit | str", maximum: int | None) -> tuple[ConcurrencyLimit, int | None]:
     """(the limit to start with, the most it may rise to under "auto", else None)."""
     if concurrency == "auto":
         return ConcurrencyLimit(min(AUTO_START, maximum)), maximum
@@ -233,9 +236,9 @@ def start_run(jobs: Iterator[Job], client: ServerClient, limit: ConcurrencyLimit
 
 
 async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
-                           concurrency: "int | ConcurrencyLimit | str" = 100, concurrency_max: int = DEFAULT_MAXIMUM,
+                           concurrency: "int | ConcurrencyLimit | str" = 100, concurrency_max: int = DEFAULTS["concurrency_max"],
                            num_repeats: "int | dict[str, int]" = 1,
-                           agent_name: str | None = None, max_attempts: int = 3,
+                           agent_name: str | None = None, max_attempts: int = DEFAULTS["max_attempts"],
                            responses_create_params: dict | None = None,
                            http_config: dict | None = None) -> AsyncIterator[dict[str, Any]]:
     """Yield one dict per finished rollout (see the module doc). `rows` is read lazily.
