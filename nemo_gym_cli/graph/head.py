@@ -51,9 +51,6 @@ class HeadServer(BaseServer):
         if self.running is not None:
             await self.running.stop()
 
-    def entry(self, name: str, replica: int = 0) -> dict:
-        return self.servers[(name, replica)]
-
     def register(self, name: str, url: str, pid: int, replica: int = 0, node: str | None = None) -> dict:
         entry = self.servers.get((name, replica))
         if entry is None:
