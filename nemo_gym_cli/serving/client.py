@@ -32,7 +32,7 @@ import orjson
 
 from nemo_gym_cli.config.paths import base_defaults
 from nemo_gym_cli.config.typed import load_config
-from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
+from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP,
                                          NotSent, ProtocolError, check_header)
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
@@ -170,22 +170,26 @@ class ServerClient:
             await self._session.close()
 
     async def raw_request(self, method: str, url: str, data: bytes | None, headers: dict | None,
-                          timeout_s: float | None, *, idempotent: bool | None = None) -> tuple[int, bytes]:
+                          timeout_s: float | None, *, idempotent: bool | None = None,
+                          cap: BodyCap | None = None) -> tuple[int, bytes]:
         """One HTTP exchange, no retries: (status, body). Raises UNAVAILABLE_ERRORS (NotSent when
-        nothing went out), ProtocolError for a malformed or oversized answer, InvalidRequest
-        for a header with CR/LF/NUL."""
+        nothing went out), ProtocolError for a malformed or oversized answer (over `cap`, default
+        http_client.max_response_bytes), InvalidRequest for a header with CR/LF/NUL."""
         if self.lean.supports(url):
-            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent)
+            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent,
+                                           cap=cap)
         for name, value in (headers or {}).items():
             check_header(name, str(value))
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
-        cap = self.max_response_bytes
+        cap = cap or BodyCap(self.max_response_bytes, "http_client.max_response_bytes")
         async with self.http.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
+            if resp.content_length is not None and resp.content_length > cap.limit:
+                raise cap.refuse(url, resp.content_length)
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk
-                if len(body) > cap:
-                    raise ProtocolError(f"{url}: response body over the {cap}-byte cap (http_client.max_response_bytes)")
+                if len(body) > cap.limit:
+                    raise cap.refuse(url)
             return resp.status, bytes(body)
 
     async def health_status(self, url: str, timeout_s: float) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import httptools
@@ -36,6 +37,17 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_IDLE_S = 4.0
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _BAD_IN_HEADER = ("\r", "\n", "\0")
+
+
+class BodyCap(NamedTuple):
+    """The most bytes an answer's body may have, and the setting that says so (named in the error)."""
+
+    limit: int
+    setting: str
+
+    def refuse(self, where: str, size: int | None = None) -> "ProtocolError":
+        said = f"of {size} bytes is" if size is not None else "is"
+        return ProtocolError(f"{where}: response body {said} over the {self.limit}-byte cap ({self.setting})")
 
 
 class ProtocolError(Exception):
@@ -65,7 +77,7 @@ def check_header(name: str, value: str) -> None:
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "pool", "parser", "waiter", "body", "body_size", "head_size", "status", "framed",
-                 "headers_done", "keep_alive", "got_bytes", "closed", "reused", "idle_since", "counted")
+                 "headers_done", "keep_alive", "got_bytes", "closed", "reused", "idle_since", "counted", "cap")
 
     def __init__(self, pool: "_Pool"):
         self.pool = pool
@@ -76,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self.counted = True  # in pool.open until discarded
         self.idle_since = 0.0
+        self.cap = pool.cap  # this exchange's (roundtrip sets it)
         self._reset()
 
     def _reset(self) -> None:
@@ -144,9 +157,8 @@ class _Connection(asyncio.Protocol):
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":
             self.framed = True
-            if name == b"content-length" and value.isdigit() and int(value) > self.pool.max_body:
-                raise ProtocolError(f"{self.pool.where}: response body of {int(value)} bytes is over the "
-                                    f"{self.pool.max_body}-byte cap (http_client.max_response_bytes)")
+            if name == b"content-length" and value.isdigit() and int(value) > self.cap.limit:
+                raise self.cap.refuse(self.pool.where, int(value))  # refused before a byte of it is read
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -156,9 +168,8 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
-        if self.body_size > self.pool.max_body:
-            raise ProtocolError(f"{self.pool.where}: response body over the {self.pool.max_body}-byte cap "
-                                "(http_client.max_response_bytes)")
+        if self.body_size > self.cap.limit:
+            raise self.cap.refuse(self.pool.where)
         self.body.append(chunk)
 
     def on_message_complete(self) -> None:
@@ -170,8 +181,9 @@ class _Connection(asyncio.Protocol):
             waiter.set_result((self.status, self.body[0] if len(self.body) == 1 else b"".join(self.body)))
 
     # ---- use
-    async def roundtrip(self, request: bytes) -> tuple[int, bytes]:
+    async def roundtrip(self, request: bytes, cap: BodyCap) -> tuple[int, bytes]:
         self._reset()
+        self.cap = cap
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         try:
@@ -190,7 +202,8 @@ class _Pool:
     """Keep-alive connections to one host:port, at most `limit` open at once (0: no cap)."""
 
     def __init__(self, host: str, port: int, limit: int, max_body: int):
-        self.host, self.port, self.limit, self.max_body = host, port, limit, max_body
+        self.host, self.port, self.limit = host, port, limit
+        self.cap = BodyCap(max_body, "http_client.max_response_bytes")
         self.where = f"{host}:{port}"
         self.idle: list[_Connection] = []
         self.open = 0  # connections open or opening, idle or busy
@@ -311,9 +324,10 @@ class LeanHTTP:
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None,
                       timeout: float | None = None, *, idempotent: bool | None = None,
-                      uncapped: bool = False) -> tuple[int, bytes]:
+                      uncapped: bool = False, cap: BodyCap | None = None) -> tuple[int, bytes]:
         """`idempotent` (default: GET/HEAD/OPTIONS) allows re-sending after a keep-alive race;
-        `uncapped` opens a connection beyond the per-host cap instead of waiting (health checks)."""
+        `uncapped` opens a connection beyond the per-host cap instead of waiting (health checks);
+        `cap` is a smaller body cap for this call (default: max_response_bytes)."""
         pool, request = self.build(method, url, body, headers)
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
@@ -323,7 +337,7 @@ class LeanHTTP:
                 if conn is None:
                     conn = await pool.connect(self.connect_timeout, uncapped)
                 try:
-                    result = await conn.roundtrip(request)
+                    result = await conn.roundtrip(request, cap or pool.cap)
                 except StaleConnection:
                     conn.close()
                     pool.close_idle()  # most likely closed too (idle timeout, restart)

@@ -44,6 +44,34 @@ def _has_answer(output: list[dict]) -> bool:
     return False
 
 
+# Fields of Responses create params the episode reads, and the JSON types each may have (None: absent or null).
+NUMBER = (int, float)
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "input": (str, list), "tools": (list,), "instructions": (str,), "tool_choice": (str, dict), "model": (str,),
+    "max_output_tokens": (int,), "temperature": NUMBER, "top_p": NUMBER, "parallel_tool_calls": (bool,),
+    "metadata": (dict,),
+}
+TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def check_create_params(params: Any, where: str) -> dict:
+    """The Responses create params an episode can run, or a 400 naming the field that is wrong."""
+    if not isinstance(params, dict):
+        raise HTTPError(400, f"{where}: must be a JSON object, got {type(params).__name__}")
+    for key, types in PARAM_TYPES.items():
+        value = params.get(key)
+        wrong_bool = isinstance(value, bool) and bool not in types  # JSON true is not a number here
+        if value is not None and (wrong_bool or not isinstance(value, types)):
+            expected = " or ".join(TYPE_NAMES[t] for t in dict.fromkeys(types))
+            raise HTTPError(400, f"{where}: field '{key}' must be {expected}, got {orjson.dumps(value)[:80].decode()}")
+    for key in ("input", "tools"):
+        items = params.get(key)
+        for i, item in enumerate(items if isinstance(items, list) else ()):
+            if not isinstance(item, dict):
+                raise HTTPError(400, f"{where}: field '{key}[{i}]' must be an object, got {type(item).__name__}")
+    return params
+
+
 @dataclass(kw_only=True)
 class SimpleAgentConfig(ServerConfig):
     model_server: ServerRef  # the policy model
@@ -73,13 +101,13 @@ class SimpleAgent(ResponsesAPIAgent):
 
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:
-        if not isinstance(body, dict):
-            raise HTTPError(400, "request body must be a JSON object (Responses create params)")
+        body = check_create_params(body, "request body (Responses create params)")
         return await self._episode(body, ctx.session_id, ctx.headers.get(GROUP_HEADER) if ctx.headers else None)
 
     @route("/run")
     async def run(self, body: Any, ctx: RequestContext) -> Any:
-        params = require(body, "responses_create_params", dict, where="dataset row")
+        params = check_create_params(require(body, "responses_create_params", dict, where="dataset row"),
+                                     "dataset row: responses_create_params")
         session_id = new_session_id()  # one rollout = one session
         group = body.get("_ng_task_index")
         if group is not None and any(c in str(group) for c in "\r\n\0"):
