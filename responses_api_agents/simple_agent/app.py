@@ -51,7 +51,7 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "max_output_tokens": (int,), "temperature": NUMBER, "top_p": NUMBER, "parallel_tool_calls": (bool,),
     "metadata": (dict,),
 }
-TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", float: "a number", bool: "true or false"}
+TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", bool: "true or false"}
 
 
 def check_create_params(params: Any, where: str) -> dict:
@@ -62,7 +62,7 @@ def check_create_params(params: Any, where: str) -> dict:
         value = params.get(key)
         wrong_bool = isinstance(value, bool) and bool not in types  # JSON true is not a number here
         if value is not None and (wrong_bool or not isinstance(value, types)):
-            expected = " or ".join(TYPE_NAMES[t] for t in dict.fromkeys(types))
+            expected = "a number" if types == NUMBER else " or ".join(TYPE_NAMES[t] for t in types)
             raise HTTPError(400, f"{where}: field '{key}' must be {expected}, got {orjson.dumps(value)[:80].decode()}")
     for key in ("input", "tools"):
         items = params.get(key)
