@@ -56,6 +56,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(standins, gra
     written = pairs(out)  # whole lines only (read_lines checks the last one ends)
     assert 0 < len(written) < 60
     assert "No space left on device" in line and f"{len(written)} rollouts written" in line and "+resume=true" in line
+    print(f"\nfull disk: stopped after {len(written)} of 60 rollouts, exit 74, whole lines")
     entry = collections(g)[str(out)]
     assert entry["state"] == "failed" and "No space left on device" in entry["reason"]
     shown = run_cli("ng_status", [f"+head_server.port={g.head_port}"], cwd=tmp_path).stdout
@@ -116,6 +117,7 @@ def test_one_collector_per_output_even_with_resume_and_after_sigkill(standins, g
     resumed = collect(g, "+input_jsonl_fpath=in.jsonl", f"+output_jsonl_fpath={out}", "+resume=true", "+concurrency=8")
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(pairs(out)) == [(i, 0) for i in range(80)] and killed_at < 80  # no duplicate, none missing
+    print(f"\ntwo collectors: second refused; first SIGKILLed at {killed_at}/80; resume: 80 lines, 0 duplicates")
 
     # The killed collector's entry stops claiming to run once its heartbeats stop
     def lost():
