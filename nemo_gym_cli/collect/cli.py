@@ -282,8 +282,9 @@ class Collector:
             await publisher.stop(state, reason)
         if write_failed is not None:
             self.console.print(f"{self.command}: stopped: {write_failed}; {self.stats.done} rollouts written to "
-                               f"{self.output} this run ({self.stats.failed} failures recorded). Free space, then "
-                               f"complete the run with the same command and +resume=true", style="red", markup=False)
+                               f"{self.output} this run ({skipped[0]} from before), {self.stats.failed} failures "
+                               f"recorded. Fix that (e.g. free space), then complete the run with the same command "
+                               f"and +resume=true", style="red", markup=False)
             return EXIT_WRITE_FAILED
         self.stats.skipped = skipped[0]
         per_backend = spread(backends_before, await backend_counts(self.client, models))
