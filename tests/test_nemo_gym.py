@@ -88,7 +88,7 @@ def nemo_graph(nemo_python, tmp_path_factory):
     graph = None
     try:
         graph = Graph(work, [MCQA, MULTI_STEP, COUNTER, VLLM_MODEL, "nemo_agent.yaml"], env,
-                      [f"+nemo_gym.python={nemo_python}", "+restarts.backoff_s=0.1"], timeout=180)
+                      [f"+nemo_gym.python={nemo_python}", "+restarts.backoff_s=0.1", "+stop_grace_s=3"], timeout=180)
         yield graph, standins, work
     finally:
         if graph is not None:

@@ -9,7 +9,8 @@
 #   FORCE=1         reinstall even when the marker says it is done
 #
 # Idempotent: a marker in the venv makes a re-run a no-op (< 1 s); a lock next to the venv
-# serialises two sessions. Takes ~60-90 s and ~1.5 GB the first time. Exit code 3: no Python 3.12.
+# serialises two sessions. The first time: ~1.4 GB, ~3 min of CPU (60-90 s on an idle 2-core machine,
+# 580 s measured while tests ran beside it). Exit code 3: no Python 3.12.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -53,7 +54,7 @@ fi
 
 t0=$(date +%s)
 rm -f "$MARKER"
-say "creating $VENV with $("$PY" -V 2>&1) and installing $SPEC (~60-90 s)"
+say "creating $VENV with $("$PY" -V 2>&1) and installing $SPEC (1-2 min)"
 "$PY" -m venv "$VENV" || die "could not create a venv at $VENV"
 pip_q install -q -U pip || die "pip could not upgrade itself: no network to PyPI?"
 pip_q install -q "$SPEC" || die "pip could not install $SPEC (needs PyPI)"
