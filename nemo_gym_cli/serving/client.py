@@ -16,7 +16,7 @@ sent again only when the server cannot have acted on it, or when it is safe to r
   (`+max_attempts`) decide about whole rollouts.
 A call by name goes to one replica of the server (serving/replicas.py: least in flight, a
 session stays on its replica). A replica that is gone (it refused the call, or reset it and
-then refused a probe: its process is dead, and what it did died with it) is left for another
+then refused or reset a probe: its process is dead or dying, and what it did died with it) is left for another
 one, or for its restarted process; a session that lived on it fails, naming why.
 """
 
@@ -240,7 +240,7 @@ class ServerClient:
         """POST by server name: to the session's replica, else the least busy one. `idempotent=True`
         only for calls that are safe to run twice (see the module docstring): it allows re-sending
         after a reset, a timeout or a 5xx. A call moves on from a replica that is gone (refused it,
-        or reset it and then refused a probe: its process is dead); see serving/replicas.py."""
+        or reset it and then a probe found nothing serving: its process is dead); see serving/replicas.py."""
         local = self.local_servers.get(server)
         if local is not None:
             return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers, idempotent)
@@ -294,14 +294,17 @@ class ServerClient:
         self.cookies.forget(session_ids)
 
     async def _is_gone(self, replica: Replica, error: ServerCallError) -> bool:
-        """Refused: nothing listens there. Reset: gone only if a probe is refused too (a live
-        server that reset one connection may have acted on the call: never send it twice)."""
+        """Refused: nothing listens there. Reset: gone only if a probe finds nothing serving too
+        (a live server that reset one connection may have acted on the call: never send it twice).
+        The probe is refused once the process is dead, and reset without an answer while it is
+        being killed: its closing listen socket still completes handshakes, and a live server
+        always answers /health."""
         if replica.gone or error.failure == "refused":
             return True
         try:
             await self.health_status(replica.url + "/health", 2)
         except Exception as e:
-            return failure_kind(e) == "refused"
+            return failure_kind(e) in ("refused", "reset")
         return False
 
     async def post_each(self, server: str, path: str, body: Any = None, **kwargs) -> list[Any]:

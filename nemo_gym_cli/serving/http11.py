@@ -15,7 +15,8 @@ Errors:
   the server. Never a success.
 - ConnectionResetError / TimeoutError: the request went out and no complete answer came back;
   the server may have acted on it.
-A kept-alive connection found closed when taken from the pool is never used. One that closes
+A kept-alive connection found closed when taken from the pool is never used, also when the peer
+closed it a moment ago and the event loop has not yet seen that (the socket's TCP state tells). One that closes
 without a byte of answer after the request went out (keep-alive race) is re-sent on a new
 connection only for an idempotent call (GET, or `idempotent=True`): a POST may have run.
 """
@@ -23,6 +24,7 @@ connection only for an idempotent call (GET, or `idempotent=True`): a POST may h
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import deque
 from urllib.parse import urlsplit
@@ -35,6 +37,7 @@ MAX_HEADER_BYTES = 64 * 1024
 # 5 s, and a request written into a connection the server is closing gets no answer.
 MAX_IDLE_S = 4.0
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+TCP_ESTABLISHED = 1  # tcpi_state of a connection neither side has closed (Linux <netinet/tcp.h>)
 _BAD_IN_HEADER = ("\r", "\n", "\0")
 
 
@@ -184,6 +187,18 @@ class _Connection(asyncio.Protocol):
         finally:
             self.waiter = None
 
+    def peer_closed(self) -> bool:
+        """The peer closed (its FIN or RST is in the kernel) but the event loop has not run our
+        reader yet: a loaded process can take a pooled connection in that window, and a request
+        written there gets no answer. One getsockopt per reuse; False where TCP_INFO is unknown."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None or not hasattr(socket, "TCP_INFO"):
+            return False
+        try:
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED
+        except OSError:
+            return True
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -204,11 +219,11 @@ class _Pool:
         self.host_header = f"Host: {shown}:{port}\r\n".encode()
 
     def take(self) -> _Connection | None:
-        """An idle connection that is still open and was used recently, or None."""
+        """An idle connection that is still open at both ends and was used recently, or None."""
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < MAX_IDLE_S:
+            if not conn.closed and now - conn.idle_since < MAX_IDLE_S and not conn.peer_closed():
                 conn.reused = True
                 return conn
             conn.close()
