@@ -89,9 +89,14 @@ def config_dict_yaml(config: dict, head_url: str, ray_address: str) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+def _their_environment() -> dict[str, str]:
+    """Ours, without what would point their Python at our packages."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+
+
 def _environment(spec: ServerSpec, dict_yaml: str) -> dict[str, str]:
     assert spec.folder is not None
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env = _their_environment()
     # The server's folder (`import app`) and its tree (`resources_servers.<x>.app`), as NeMo Gym does.
     env["PYTHONPATH"] = f"{spec.folder}{os.pathsep}{spec.folder.parent.parent}"
     env["PYTHONUNBUFFERED"] = "1"
@@ -160,8 +165,7 @@ class RayHead(LocalProcess):
         command = [python, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
                    "start", "--head", "--block", "--node-ip-address", "127.0.0.1", *ports, "--include-dashboard=false",
                    "--disable-usage-stats", "--temp-dir", str(temp_dir)]
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-        super().__init__(RAY_HEAD_LABEL, [], [], secrets, config.get("log_dir"), command=command, env=env)
+        super().__init__(RAY_HEAD_LABEL, [], [], secrets, config.get("log_dir"), command=command, env=_their_environment())
         self.address = f"127.0.0.1:{self.port}"
 
     async def stop(self, grace_s: float) -> None:
