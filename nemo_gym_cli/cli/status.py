@@ -41,7 +41,7 @@ async def take_snapshot(client: ServerClient) -> Snapshot:
         if not s.get("url"):
             return "no url"
         try:
-            await client.request_json("GET", f"{s['url']}/health", server=s["name"], timeout_s=3, retries=0)
+            await client.request_json("GET", s["url"] + s.get("probe_path", "/health"), server=s["name"], timeout_s=3, retries=0)
             return None
         except ServerCallError as e:
             return e.message

@@ -24,6 +24,7 @@ from nemo_gym_cli.collect.publish import ProgressPublisher
 from nemo_gym_cli.collect.report import backend_counts, report, spread
 from nemo_gym_cli.collect.stats import Stats
 from nemo_gym_cli.config import AGENT_SERVERS, Composed, head_url, resolve_path
+from nemo_gym_cli.config.nemo_gym import nemo_gym_roots
 from nemo_gym_cli.serving.client import ServerCallError
 from nemo_gym_cli.serving.logs import make_console
 
@@ -133,10 +134,10 @@ class Collector:
         self.config = cfg = composed.config
         self.console = make_console(stderr=True)
         self.agent = str(cfg["agent_name"]) if cfg.get("agent_name") else None
-        found = resolve_path(str(cfg["input_jsonl_fpath"]))
+        found = resolve_path(str(cfg["input_jsonl_fpath"]), extra_roots=nemo_gym_roots(cfg))
         if found is None or not found.is_file():
-            raise SetupError(f"+input_jsonl_fpath: file '{cfg['input_jsonl_fpath']}' not found "
-                             f"(looked in the current directory, then the project root)")
+            raise SetupError(f"+input_jsonl_fpath: file '{cfg['input_jsonl_fpath']}' not found (looked in the current "
+                             f"directory, the project root, then the NeMo Gym tree of +nemo_gym.python when set)")
         self.input = found
         self.output = Path(str(cfg["output_jsonl_fpath"])).expanduser().absolute()
         self.failures_path, self.metrics_path = J.out_paths(self.output)

@@ -32,7 +32,12 @@ import orjson
 
 from nemo_gym_cli.config.paths import base_defaults
 from nemo_gym_cli.config.typed import load_config
+<<<<<<< HEAD
 from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP,
+=======
+from nemo_gym_cli.serving.cookies import SessionCookies
+from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
+>>>>>>> nemo
                                          NotSent, ProtocolError, check_header)
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
@@ -156,6 +161,7 @@ class ServerClient:
         # How long a call by name waits for a replica to come back (ng_run restarts with up to 8 s backoff).
         self.resolve_timeout_s = cfg.resolve_timeout_s
         self.resolver = Resolver(self.servers)
+        self.cookies = SessionCookies()  # what servers set per session (NeMo Gym's stateful environments)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -171,6 +177,7 @@ class ServerClient:
 
     async def raw_request(self, method: str, url: str, data: bytes | None, headers: dict | None,
                           timeout_s: float | None, *, idempotent: bool | None = None,
+<<<<<<< HEAD
                           cap: BodyCap | None = None) -> tuple[int, bytes]:
         """One HTTP exchange, no retries: (status, body). Raises UNAVAILABLE_ERRORS (NotSent when
         nothing went out), ProtocolError for a malformed or oversized answer (over `cap`, default
@@ -178,13 +185,27 @@ class ServerClient:
         if self.lean.supports(url):
             return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent,
                                            cap=cap)
+=======
+                          set_cookies: list[str] | None = None) -> tuple[int, bytes]:
+        """One HTTP exchange, no retries: (status, body); `set_cookies` gets the answer's
+        Set-Cookie values. Raises UNAVAILABLE_ERRORS (NotSent when nothing went out),
+        ProtocolError for a malformed or oversized answer, InvalidRequest for a header with CR/LF/NUL."""
+        if self.lean.supports(url):
+            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent,
+                                           set_cookies=set_cookies)
+>>>>>>> nemo
         for name, value in (headers or {}).items():
             check_header(name, str(value))
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
         cap = cap or BodyCap(self.max_response_bytes, "http_client.max_response_bytes")
         async with self.http.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
+<<<<<<< HEAD
             if resp.content_length is not None and resp.content_length > cap.limit:
                 raise cap.refuse(url, resp.content_length)
+=======
+            if set_cookies is not None:
+                set_cookies.extend(resp.headers.getall("Set-Cookie", ()))
+>>>>>>> nemo
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk
@@ -242,8 +263,13 @@ class ServerClient:
         local = self.local_servers.get(server)
         if local is not None:
             return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers, idempotent)
+        set_cookies: list[str] | None = None
         if session_id:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
+            cookie = self.cookies.header(server, session_id)
+            if cookie:
+                headers["Cookie"] = cookie
+            set_cookies = []
         for failovers in range(MAX_FAILOVERS + 1):
             reps = self.resolver.names.get(server)
             if reps is None or not reps.live or reps.degraded:  # (the common case skips a coroutine)
@@ -263,7 +289,8 @@ class ServerClient:
             replica.in_flight += 1
             try:
                 return await self.request_json("POST", replica.url + path, body, headers=headers, server=server,
-                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent)
+                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent,
+                                               set_cookies=set_cookies)
             except ServerCallError as e:
                 if e.failure not in ("refused", "reset") or failovers == MAX_FAILOVERS or not await self._is_gone(replica, e):
                     raise
@@ -276,7 +303,14 @@ class ServerClient:
                     reps.unpin(session_id)  # re-pinned on the next replica
             finally:
                 replica.in_flight -= 1
+                if set_cookies:
+                    self.cookies.store(server, session_id, set_cookies)
+                    set_cookies.clear()
         raise AssertionError("unreachable")
+
+    def forget_sessions(self, session_ids: list[str]) -> None:
+        """Rollouts ended: drop the cookies their servers set."""
+        self.cookies.forget(session_ids)
 
     async def _is_gone(self, replica: Replica, error: ServerCallError) -> bool:
         """Refused: nothing listens there. Reset: gone only if a probe finds nothing serving too
@@ -335,9 +369,10 @@ class ServerClient:
 
     async def request_json(self, method: str, url: str, body: Any = None, *, headers: dict | None = None,
                            server: str = "", timeout_s: float | None = None, retries: int | None = None,
-                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None) -> Any:
+                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None,
+                           set_cookies: list[str] | None = None) -> Any:
         """One HTTP call with timeout and bounded retries (only where safe, see the module
-        docstring); returns the parsed JSON body."""
+        docstring); returns the parsed JSON body (`set_cookies` gets the Set-Cookie values)."""
         retries = self.max_retries if retries is None else retries
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
@@ -347,7 +382,8 @@ class ServerClient:
         hdrs = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers
         for attempt in range(retries + 1):
             try:
-                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent)
+                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent,
+                                                     set_cookies=set_cookies)
                 try:
                     parsed = orjson.loads(raw) if raw else None
                 except orjson.JSONDecodeError:
