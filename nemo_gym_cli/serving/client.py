@@ -32,12 +32,8 @@ import orjson
 
 from nemo_gym_cli.config.paths import base_defaults
 from nemo_gym_cli.config.typed import load_config
-<<<<<<< HEAD
-from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP,
-=======
 from nemo_gym_cli.serving.cookies import SessionCookies
-from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
->>>>>>> nemo
+from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP,
                                          NotSent, ProtocolError, check_header)
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
@@ -177,35 +173,23 @@ class ServerClient:
 
     async def raw_request(self, method: str, url: str, data: bytes | None, headers: dict | None,
                           timeout_s: float | None, *, idempotent: bool | None = None,
-<<<<<<< HEAD
-                          cap: BodyCap | None = None) -> tuple[int, bytes]:
-        """One HTTP exchange, no retries: (status, body). Raises UNAVAILABLE_ERRORS (NotSent when
-        nothing went out), ProtocolError for a malformed or oversized answer (over `cap`, default
+                          cap: BodyCap | None = None, set_cookies: list[str] | None = None) -> tuple[int, bytes]:
+        """One HTTP exchange, no retries: (status, body); `set_cookies` gets the answer's
+        Set-Cookie values. Raises UNAVAILABLE_ERRORS (NotSent when nothing went out),
+        ProtocolError for a malformed or oversized answer (over `cap`, default
         http_client.max_response_bytes), InvalidRequest for a header with CR/LF/NUL."""
         if self.lean.supports(url):
             return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent,
-                                           cap=cap)
-=======
-                          set_cookies: list[str] | None = None) -> tuple[int, bytes]:
-        """One HTTP exchange, no retries: (status, body); `set_cookies` gets the answer's
-        Set-Cookie values. Raises UNAVAILABLE_ERRORS (NotSent when nothing went out),
-        ProtocolError for a malformed or oversized answer, InvalidRequest for a header with CR/LF/NUL."""
-        if self.lean.supports(url):
-            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent,
-                                           set_cookies=set_cookies)
->>>>>>> nemo
+                                           cap=cap, set_cookies=set_cookies)
         for name, value in (headers or {}).items():
             check_header(name, str(value))
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
         cap = cap or BodyCap(self.max_response_bytes, "http_client.max_response_bytes")
         async with self.http.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
-<<<<<<< HEAD
             if resp.content_length is not None and resp.content_length > cap.limit:
                 raise cap.refuse(url, resp.content_length)
-=======
             if set_cookies is not None:
                 set_cookies.extend(resp.headers.getall("Set-Cookie", ()))
->>>>>>> nemo
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk

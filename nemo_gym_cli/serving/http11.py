@@ -80,11 +80,8 @@ def check_header(name: str, value: str) -> None:
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "pool", "parser", "waiter", "body", "body_size", "head_size", "status", "framed",
-<<<<<<< HEAD
-                 "headers_done", "keep_alive", "got_bytes", "closed", "reused", "idle_since", "counted", "cap")
-=======
-                 "headers_done", "keep_alive", "got_bytes", "closed", "reused", "idle_since", "counted", "cookies")
->>>>>>> nemo
+                 "headers_done", "keep_alive", "got_bytes", "closed", "reused", "idle_since", "counted", "cap",
+                 "cookies")
 
     def __init__(self, pool: "_Pool"):
         self.pool = pool
@@ -165,18 +162,12 @@ class _Connection(asyncio.Protocol):
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":
             self.framed = True
-<<<<<<< HEAD
             if name == b"content-length" and value.isdigit() and int(value) > self.cap.limit:
                 raise self.cap.refuse(self.pool.where, int(value))  # refused before a byte of it is read
-=======
-            if name == b"content-length" and value.isdigit() and int(value) > self.pool.max_body:
-                raise ProtocolError(f"{self.pool.where}: response body of {int(value)} bytes is over the "
-                                    f"{self.pool.max_body}-byte cap (http_client.max_response_bytes)")
         elif name == b"set-cookie":
             if self.cookies is None:
                 self.cookies = []
             self.cookies.append(value)
->>>>>>> nemo
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -354,17 +345,12 @@ class LeanHTTP:
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None,
                       timeout: float | None = None, *, idempotent: bool | None = None,
-<<<<<<< HEAD
-                      uncapped: bool = False, cap: BodyCap | None = None) -> tuple[int, bytes]:
+                      uncapped: bool = False, cap: BodyCap | None = None,
+                      set_cookies: list[str] | None = None) -> tuple[int, bytes]:
         """`idempotent` (default: GET/HEAD/OPTIONS) allows re-sending after a keep-alive race;
         `uncapped` opens a connection beyond the per-host cap instead of waiting (health checks);
-        `cap` is a smaller body cap for this call (default: max_response_bytes)."""
-=======
-                      uncapped: bool = False, set_cookies: list[str] | None = None) -> tuple[int, bytes]:
-        """`idempotent` (default: GET/HEAD/OPTIONS) allows re-sending after a keep-alive race;
-        `uncapped` opens a connection beyond the per-host cap instead of waiting (health checks);
-        `set_cookies` gets the answer's Set-Cookie values."""
->>>>>>> nemo
+        `cap` is a smaller body cap for this call (default: max_response_bytes); `set_cookies`
+        gets the answer's Set-Cookie values."""
         pool, request = self.build(method, url, body, headers)
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
