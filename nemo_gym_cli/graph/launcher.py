@@ -23,7 +23,7 @@ import orjson
 from rich.table import Table
 
 from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
-from nemo_gym_cli.graph import ray_runner
+from nemo_gym_cli.graph import nemo_runtime, ray_runner
 from nemo_gym_cli.graph.build import COLOCATED_ARG
 from nemo_gym_cli.graph.head import HeadServer
 from nemo_gym_cli.graph.preflight import backends_table, preflight_models
@@ -53,6 +53,9 @@ class Launcher:
         self.composed = composed
         self.config = composed.config
         self.specs = composed.servers
+        self.nemo_specs = nemo_runtime.nemo_specs(self.specs)
+        if self.nemo_specs:  # they read their peers' addresses once: every port fixed, before anything starts
+            nemo_runtime.assign_fixed_ports(self.config, self.specs)
         self.secrets = secret_values(self.config)
         self.head = HeadServer(self.config, self.specs)
         self.runner_factory = runner_factory or self._local_process
@@ -78,7 +81,7 @@ class Launcher:
         try:
             if not self.specs:
                 console.print("[yellow]ng_run: the config defines no servers (did you pass +config_paths=[...]?)[/yellow]")
-            self._start_supervisors()
+            await self._start_supervisors()
             ready = await self._wait_ready(float(self.config["ready_timeout_s"]))
             if ready and self.config["preflight"] is not False:
                 ready = await self._preflight()
@@ -100,7 +103,8 @@ class Launcher:
         self.stop_event.set()
 
     # ------------------------------------------------------------ start
-    def _start_supervisors(self) -> None:
+    async def _start_supervisors(self) -> None:
+        await self._start_nemo_gym_servers()
         config_file = Path(self.tmpdir.name) / "config.json"
         # The resolved config (with secrets) goes to children through a file only we can read.
         fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -108,17 +112,35 @@ class Launcher:
             f.write(orjson.dumps(self._config_for_children()))
         if self.config.get("log_dir"):
             Path(self.config["log_dir"]).mkdir(parents=True, exist_ok=True)
+        ours = [s for s in self.specs.values() if s not in self.nemo_specs]
         if self.config.get("colocate"):
-            # One process for all: restart it unless an instance says never (its crash is everyone's).
-            runner: ReplicaRunner = LocalProcess("colocated", [(n, 0) for n in self.specs], [str(config_file), COLOCATED_ARG],
+            # One process for all of ours: restart it unless an instance says never (its crash is everyone's).
+            names = [s.name for s in ours]
+            runner: ReplicaRunner = LocalProcess("colocated", [(n, 0) for n in names], [str(config_file), COLOCATED_ARG, *names],
                                                  self.secrets, self.config.get("log_dir"))
-            never = any(s.restart == "never" for s in self.specs.values())
+            never = any(s.restart == "never" for s in ours)
             self._supervise(runner, None if never else RestartPolicy.from_config(self.config))
             return
-        for spec in self.specs.values():
+        for spec in ours:
             for replica in range(spec.replicas):
                 policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
                 self._supervise(self.runner_factory(config_file, spec, replica), policy)
+
+    async def _start_nemo_gym_servers(self) -> None:
+        """NeMo Gym's own servers (nemo_runtime.py), on one Ray cluster: +ray.address, else a Ray head
+        of ours, started first and supervised with the graph (its death stops the graph)."""
+        if not self.nemo_specs:
+            return
+        ray_address = ray_runner.ray_address(self.config)
+        if not ray_address:
+            ray_head = nemo_runtime.RayHead(self.config, Path(self.tmpdir.name) / "ray", self.secrets)
+            self._supervise(ray_head, None)  # its supervisor starts it
+            await ray_head.wait_serving()
+            ray_address = ray_head.address
+        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.url, ray_address)
+        for spec in self.nemo_specs:
+            policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
+            self._supervise(nemo_runtime.NemoGymProcess(spec, self.config, dict_yaml, self.head, self.secrets), policy)
 
     def _supervise(self, runner: ReplicaRunner, policy: RestartPolicy | None) -> None:
         supervisor = Supervisor(runner, self.head, policy, lambda text: console.print(text, style="yellow", markup=False))
@@ -146,11 +168,11 @@ class Launcher:
                 if self.stop_event.is_set() or self._ended():
                     return False
                 for key in list(pending):
-                    url = self.head.servers[key]["url"]
-                    if url is None:
+                    entry = self.head.servers[key]
+                    if entry["url"] is None:
                         continue
                     try:
-                        await probe.request_json("GET", f"{url}/health", server=key[0], timeout_s=2, retries=0)
+                        await probe.request_json("GET", entry["url"] + entry["probe_path"], server=key[0], timeout_s=2, retries=0)
                         pending.discard(key)
                         self.head.set_state(*key, "ready")
                     except Exception:
@@ -234,7 +256,10 @@ class Launcher:
         for task in self.tasks:
             task.cancel()  # a supervisor waiting out a backoff stops waiting
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await asyncio.gather(*(s.stop(grace) for s in self.supervisors), return_exceptions=True)
+        # The Ray head last: NeMo Gym's servers leave its cluster first.
+        ray_heads = [s for s in self.supervisors if isinstance(s.runner, nemo_runtime.RayHead)]
+        await asyncio.gather(*(s.stop(grace) for s in self.supervisors if s not in ray_heads), return_exceptions=True)
+        await asyncio.gather(*(s.stop(grace) for s in ray_heads), return_exceptions=True)
         await self.head.stop()
         self.tmpdir.cleanup()
 

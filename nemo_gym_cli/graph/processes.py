@@ -33,8 +33,13 @@ class LocalProcess:
     """A ReplicaRunner (see supervisor.py) for one child process; each start() is a new process."""
 
     def __init__(self, label: str, members: list[tuple[str, int]], child_args: list[str], secrets: set[str],
-                 log_dir: str | None):
+                 log_dir: str | None, *, command: list[str] | None = None, cwd: str | None = None,
+                 env: dict[str, str] | None = None):
+        """`child_args` of our child module; or `command` run as is (NeMo Gym's servers, a Ray
+        head) in `cwd`, with `env` as its whole environment."""
         self.label, self.members, self.child_args, self.secrets = label, members, child_args, secrets
+        self.command = command or [sys.executable, "-m", "nemo_gym_cli.graph.child", *child_args]
+        self.cwd, self.env = cwd, env
         self.log_path = Path(log_dir) / f"{label}.log" if log_dir else None
         self.proc: asyncio.subprocess.Process | None = None
         self.pump: asyncio.Task | None = None
@@ -47,9 +52,9 @@ class LocalProcess:
     async def start(self) -> None:
         self.lines.clear()  # the report of a death shows the lines of that life
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nemo_gym_cli.graph.child", *self.child_args,
+            *self.command, cwd=self.cwd,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, preexec_fn=_die_with_parent,
+            env=self.env or {**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, preexec_fn=_die_with_parent,
         )
         self.pump = asyncio.create_task(self._pump(self.proc))
 

@@ -16,7 +16,7 @@ sent again only when the server cannot have acted on it, or when it is safe to r
   (`+max_attempts`) decide about whole rollouts.
 A call by name goes to one replica of the server (serving/replicas.py: least in flight, a
 session stays on its replica). A replica that is gone (it refused the call, or reset it and
-then refused a probe: its process is dead, and what it did died with it) is left for another
+then refused or reset a probe: its process is dead or dying, and what it did died with it) is left for another
 one, or for its restarted process; a session that lived on it fails, naming why.
 """
 
@@ -31,10 +31,11 @@ import orjson
 
 from nemo_gym_cli.config.paths import base_defaults
 from nemo_gym_cli.config.typed import load_config
+from nemo_gym_cli.serving.cookies import SessionCookies
 from nemo_gym_cli.serving.errors import (ALREADY_RETRIED, NOT_PROCESSED_STATUSES, NOT_SENT_ERRORS, RETRY_STATUSES,
                                          UNAVAILABLE_ERRORS, ServerCallError, backoff_delay, error_message,
                                          failure_kind)
-from nemo_gym_cli.serving.http11 import IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP, ProtocolError, check_header
+from nemo_gym_cli.serving.http11 import IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP, ProtocolError, check_header
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
 
@@ -96,6 +97,7 @@ class ServerClient:
         # How long a call by name waits for a replica to come back (ng_run restarts with up to 8 s backoff).
         self.resolve_timeout_s = cfg.resolve_timeout_s
         self.resolver = Resolver(self.servers)
+        self.cookies = SessionCookies()  # what servers set per session (NeMo Gym's stateful environments)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -110,22 +112,29 @@ class ServerClient:
             await self._session.close()
 
     async def raw_request(self, method: str, url: str, data: bytes | None, headers: dict | None,
-                          timeout_s: float | None, *, idempotent: bool | None = None) -> tuple[int, bytes]:
-        """One HTTP exchange, no retries: (status, body). Raises UNAVAILABLE_ERRORS (NotSent when
-        nothing went out), ProtocolError for a malformed or oversized answer, InvalidRequest
-        for a header with CR/LF/NUL."""
+                          timeout_s: float | None, *, idempotent: bool | None = None,
+                          cap: BodyCap | None = None, set_cookies: list[str] | None = None) -> tuple[int, bytes]:
+        """One HTTP exchange, no retries: (status, body); `set_cookies` gets the answer's
+        Set-Cookie values. Raises UNAVAILABLE_ERRORS (NotSent when nothing went out),
+        ProtocolError for a malformed or oversized answer (over `cap`, default
+        http_client.max_response_bytes), InvalidRequest for a header with CR/LF/NUL."""
         if self.lean.supports(url):
-            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent)
+            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent,
+                                           cap=cap, set_cookies=set_cookies)
         for name, value in (headers or {}).items():
             check_header(name, str(value))
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
-        cap = self.max_response_bytes
+        cap = cap or BodyCap(self.max_response_bytes, "http_client.max_response_bytes")
         async with self.http.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
+            if resp.content_length is not None and resp.content_length > cap.limit:
+                raise cap.refuse(url, resp.content_length)
+            if set_cookies is not None:
+                set_cookies.extend(resp.headers.getall("Set-Cookie", ()))
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk
-                if len(body) > cap:
-                    raise ProtocolError(f"{url}: response body over the {cap}-byte cap (http_client.max_response_bytes)")
+                if len(body) > cap.limit:
+                    raise cap.refuse(url)
             return resp.status, bytes(body)
 
     async def health_status(self, url: str, timeout_s: float) -> int:
@@ -170,12 +179,17 @@ class ServerClient:
         """POST by server name: to the session's replica, else the least busy one. `idempotent=True`
         only for calls that are safe to run twice (see the module docstring): it allows re-sending
         after a reset, a timeout or a 5xx. A call moves on from a replica that is gone (refused it,
-        or reset it and then refused a probe: its process is dead); see serving/replicas.py."""
+        or reset it and then a probe found nothing serving: its process is dead); see serving/replicas.py."""
         local = self.local_servers.get(server)
         if local is not None:
             return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers, idempotent)
+        set_cookies: list[str] | None = None
         if session_id:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
+            cookie = self.cookies.header(server, session_id)
+            if cookie:
+                headers["Cookie"] = cookie
+            set_cookies = []
         for failovers in range(MAX_FAILOVERS + 1):
             reps = self.resolver.names.get(server)
             if reps is None or not reps.live or reps.degraded:  # (the common case skips a coroutine)
@@ -195,7 +209,8 @@ class ServerClient:
             replica.in_flight += 1
             try:
                 return await self.request_json("POST", replica.url + path, body, headers=headers, server=server,
-                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent)
+                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent,
+                                               set_cookies=set_cookies)
             except ServerCallError as e:
                 if e.failure not in ("refused", "reset") or failovers == MAX_FAILOVERS or not await self._is_gone(replica, e):
                     raise
@@ -208,17 +223,27 @@ class ServerClient:
                     reps.unpin(session_id)  # re-pinned on the next replica
             finally:
                 replica.in_flight -= 1
+                if set_cookies:
+                    self.cookies.store(server, session_id, set_cookies)
+                    set_cookies.clear()
         raise AssertionError("unreachable")
 
+    def forget_sessions(self, session_ids: list[str]) -> None:
+        """Rollouts ended: drop the cookies their servers set."""
+        self.cookies.forget(session_ids)
+
     async def _is_gone(self, replica: Replica, error: ServerCallError) -> bool:
-        """Refused: nothing listens there. Reset: gone only if a probe is refused too (a live
-        server that reset one connection may have acted on the call: never send it twice)."""
+        """Refused: nothing listens there. Reset: gone only if a probe finds nothing serving too
+        (a live server that reset one connection may have acted on the call: never send it twice).
+        The probe is refused once the process is dead, and reset without an answer while it is
+        being killed: its closing listen socket still completes handshakes, and a live server
+        always answers /health."""
         if replica.gone or error.failure == "refused":
             return True
         try:
             await self.health_status(replica.url + "/health", 2)
         except Exception as e:
-            return failure_kind(e) == "refused"
+            return failure_kind(e) in ("refused", "reset")
         return False
 
     async def post_each(self, server: str, path: str, body: Any = None, **kwargs) -> list[Any]:
@@ -264,9 +289,10 @@ class ServerClient:
 
     async def request_json(self, method: str, url: str, body: Any = None, *, headers: dict | None = None,
                            server: str = "", timeout_s: float | None = None, retries: int | None = None,
-                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None) -> Any:
+                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None,
+                           set_cookies: list[str] | None = None) -> Any:
         """One HTTP call with timeout and bounded retries (only where safe, see the module
-        docstring); returns the parsed JSON body."""
+        docstring); returns the parsed JSON body (`set_cookies` gets the Set-Cookie values)."""
         retries = self.max_retries if retries is None else retries
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
@@ -276,7 +302,8 @@ class ServerClient:
         hdrs = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers
         for attempt in range(retries + 1):
             try:
-                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent)
+                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent,
+                                                     set_cookies=set_cookies)
                 try:
                     parsed = orjson.loads(raw) if raw else None
                 except orjson.JSONDecodeError:
