@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     base = results[0]
     for r in results:
         cpu = r["servers_ms"] + r["collector_ms"]
+        cpu_ratio = cpu / (base["servers_ms"] + base["collector_ms"])
         table.add_row(r["mode"], str(r["rollouts"]), f"{r['wall_s']:.1f}", f"{r['rps']:.1f} ({r['rps'] / base['rps']:.2f}x)",
-                      f"{cpu:.1f} ({r['servers_ms']:.1f} + {r['collector_ms']:.1f}; {cpu / (base['servers_ms'] + base['collector_ms']):.2f}x)")
+                      f"{cpu:.1f} ({r['servers_ms']:.1f} + {r['collector_ms']:.1f}; {cpu_ratio:.2f}x)")
     Console().print(table)
     return 0
 

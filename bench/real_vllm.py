@@ -158,7 +158,8 @@ def main() -> int:
     for mode, r in results:
         rate = r["rollouts"] / r["elapsed_s"]
         rel = f"{rate / base:.2f}x" if base else "-"  # vs the mean of the direct runs
-        notes = "" if mode == "direct" else f"CLI wall {r['cli_wall_s']:.1f} s, failures {r['failures']}, turns/server {list(r['spread'].values())}"
+        notes = "" if mode == "direct" else (f"CLI wall {r['cli_wall_s']:.1f} s, failures {r['failures']}, "
+                                             f"turns/server {list(r['spread'].values())}")
         print(f"{mode:<10} {r['rollouts']:>8} {r['elapsed_s']:>7.1f} {rate:>10.2f} {rel:>9} {r['p50_s']:>6.2f}  {notes}")
     return 0
 

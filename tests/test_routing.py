@@ -214,7 +214,8 @@ async def test_a_backend_dies_mid_run_and_every_rollout_still_completes(policy, 
     # turn 2: the victim is killed while it holds requests
     victim.delay = 5.0
     second = [asyncio.create_task(turn(up, sid)) for sid in sids]
-    await wait_until_async(lambda: backend_state(up.router, victim)["in_flight"] == len(stranded), 3, "the stranded calls to be in flight on the victim")
+    await wait_until_async(lambda: backend_state(up.router, victim)["in_flight"] == len(stranded), 3,
+                           "the stranded calls to be in flight on the victim")
     await victim.stop()
     placed = dict(zip(sids, await asyncio.gather(*second)))
 

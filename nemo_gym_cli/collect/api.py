@@ -178,7 +178,8 @@ class RolloutRun:
                 return Outcome(job, error=message, status=status, attempts=attempts, reasons=reasons,
                                latency=time.perf_counter() - t0)
             self.retries += 1
-            await asyncio.sleep(random.uniform(0.5, 1.0) * min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - job.prior_attempts - 1)))
+            doubling = self.backoff_s * 2 ** (attempts - job.prior_attempts - 1)
+            await asyncio.sleep(random.uniform(0.5, 1.0) * min(self.backoff_max_s, doubling))
 
 
 async def run_agent(job: Job, client: ServerClient) -> dict:

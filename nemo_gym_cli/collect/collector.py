@@ -155,7 +155,8 @@ class Collector:
         self.rows_limit = None if cfg.get("limit") is None else positive_int(cfg, "limit", allow_zero=True)
         self.params = cfg.get("responses_create_params") or {}
         if not isinstance(self.params, dict):
-            raise SetupError(f"+responses_create_params must be a mapping, e.g. '+responses_create_params={{temperature:0.7}}', got {self.params!r}")
+            raise SetupError("+responses_create_params must be a mapping, e.g. '+responses_create_params={temperature:0.7}', "
+                             f"got {self.params!r}")
         self.resume = bool(cfg.get("resume"))
         self.grace_s = float(cfg["shutdown_grace_s"])
         self.client = collector_client(head_url(cfg), cfg.get("http_client"), self.auto_max or self.limit.value)
@@ -169,7 +170,8 @@ class Collector:
             agents = await list_agents(self.client)
         except ServerCallError as e:
             raise SetupError(f"no ng_run head server at {self.client.head_url} ({e.message}). Start the servers first: "
-                             f"ng_run \"+config_paths=[...]\" (or point at them with +head_server.host=... +head_server.port=...)") from None
+                             'ng_run "+config_paths=[...]" (or point at them with +head_server.host=... '
+                             "+head_server.port=...)") from None
         names = {s["name"] for s in agents}
         if self.agent is not None and self.agent not in names:
             raise SetupError(f"+agent_name={self.agent}: no such agent on {self.client.head_url} "

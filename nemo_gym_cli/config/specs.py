@@ -146,9 +146,8 @@ def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = N
             problems.append(f"{where}: '{key}.runtime' must be one of {', '.join(RUNTIMES)}, got {spec.config['runtime']!r}")
         if folder is None:
             roots = [*search_roots(cwd), *nemo_roots]
-            existing = sorted(
-                {p.name for r in roots if (r / spec.server_type).is_dir() for p in (r / spec.server_type).iterdir() if p.is_dir() and not p.name.startswith("_")}
-            )
+            folders = [r / spec.server_type for r in roots if (r / spec.server_type).is_dir()]
+            existing = sorted({p.name for d in folders for p in d.iterdir() if p.is_dir() and not p.name.startswith("_")})
             hint = difflib.get_close_matches(spec.impl, existing, n=1)
             problems.append(
                 f"{where}: '{key}': no folder '{spec.server_type}/{spec.impl}'"

@@ -76,7 +76,8 @@ def make_http_session(cfg: HttpClientConfig, limit: int | None = None) -> aiohtt
     )
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=cfg.connect_timeout_s)
     # orjson for bodies we send; responses are read as bytes and parsed with orjson too.
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(), cookie_jar=aiohttp.DummyCookieJar())
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(),
+                                 cookie_jar=aiohttp.DummyCookieJar())
 
 
 class ServerClient:
