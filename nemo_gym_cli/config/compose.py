@@ -168,7 +168,6 @@ def find_env_yaml(cwd: Path, roots: list[Path] | None = None) -> Path | None:
 class Composed:
     config: dict  # resolved, plain data, secrets intact
     sources: dict[str, str] = field(default_factory=dict)  # top-level key -> where it was set last
-    cli_keys: list[str] = field(default_factory=list)
     env_yaml: Path | None = None
     cwd: Path | None = None
 
@@ -235,10 +234,8 @@ def compose(
     merged["config_paths"] = path_list
 
     allowed_cli_keys = set(merged.keys()) | {"config_paths"} if strict_cli else None
-    cli_keys = []
     for ov in overrides:
         top = ov.key.split(".")[0]
-        cli_keys.append(top)
         if allowed_cli_keys is not None and top not in allowed_cli_keys:
             hint = difflib.get_close_matches(top, sorted(allowed_cli_keys), n=1)
             problems.append(
@@ -258,7 +255,7 @@ def compose(
         sources[top] = "command line"
 
     resolved = _resolve_all(merged, sources, problems)
-    composed = Composed(resolved, sources, cli_keys, env_path, cwd)
+    composed = Composed(resolved, sources, env_path, cwd)
     if validate:  # every problem at once, even with earlier ones
         problems.extend(validate_servers(resolved, sources, cwd))
     if problems:

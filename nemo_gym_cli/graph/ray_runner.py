@@ -41,7 +41,7 @@ def placement_of(config: dict) -> str:
 
 
 def check_ray_config(config: dict, specs: dict[str, ServerSpec]) -> list[str]:
-    """Problems with `ray.*`, `ray_actor_options` and `ray_placement`, one line each."""
+    """Problems with `ray.*` (address, placement) and `ray_actor_options`, one line each."""
     problems = []
     for name, spec in specs.items():
         options = spec.config.get("ray_actor_options")

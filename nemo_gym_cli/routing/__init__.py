@@ -1,4 +1,4 @@
-"""Session routing across many vLLM backends (see DESIGN.md section 5)."""
+"""Session routing across many vLLM backends (README: "Routing across vLLM servers")."""
 
 from .backend import Backend
 from .policies import POLICIES, Policy, make_policy

@@ -20,7 +20,7 @@ from responses_api_models.vllm_model.conversion import (
 
 @dataclass(kw_only=True)
 class VLLMModelConfig(UpstreamConfig):
-    """NeMo Gym's vllm_model fields, beside the routing fields of UpstreamConfig."""
+    """NeMo Gym's vllm_model fields, beside UpstreamConfig's (its routing fields are RoutingSettings, routing/router.py)."""
 
     return_token_id_information: bool = False  # prompt/generation token ids and logprobs on every turn (RL training)
     uses_reasoning_parser: bool = True  # vLLM runs a reasoning parser: its reasoning becomes reasoning items

@@ -9,7 +9,7 @@ Response: ``chat_to_response(chat, params, model=...)`` -> an OpenAI ``Response`
 Context overflow: ``is_context_length_error`` + ``incomplete_response`` end an episode
 cleanly instead of failing it.
 
-Semantics follow NeMo Gym (see DESIGN.md section 4). Whitespace is never stripped, so a
+Semantics follow NeMo Gym's vllm_model adapter. Whitespace is never stripped, so a
 Response's output fed back as the next request's input rebuilds the assistant message
 vLLM sent (``<think>`` blocks come back in front of the text).
 """
