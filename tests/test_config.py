@@ -87,6 +87,17 @@ def test_the_command_line_beats_env_yaml_and_conf_defaults(tmp_path):
     assert config_of(tmp_path, "+stop_grace_s=1")["stop_grace_s"] == 1  # CLI beats env.yaml
 
 
+def test_both_collectors_take_their_retry_and_shutdown_defaults_from_one_file(tmp_path):
+    shared = yaml.safe_load((PROJECT_ROOT / "conf/collection.yaml").read_text())
+    for command in ("ng_collect_rollouts", "ng_reverify"):
+        own = yaml.safe_load((PROJECT_ROOT / f"conf/{command}.yaml").read_text())
+        assert own["defaults"] == ["collection"] and not set(own) & set(shared), command  # written once
+        composed = compose(["+input_jsonl_fpath=a", "+output_jsonl_fpath=b", "+max_attempts=5"], command=command,
+                           cwd=tmp_path, env_yaml_roots=[tmp_path], validate=False)
+        assert {k: composed.config[k] for k in shared} == {**shared, "max_attempts": 5}, command
+        assert composed.sources["retry_backoff_s"] == "conf/collection.yaml" and "defaults" not in composed.config
+
+
 def test_a_files_own_config_paths_come_first_so_the_includer_wins(tmp_path):
     write(tmp_path, "base.yaml", """
         key: from_base

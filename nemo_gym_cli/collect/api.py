@@ -237,7 +237,8 @@ def start_run(jobs: Iterator[Job], client: ServerClient, limit: ConcurrencyLimit
 
 
 async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
-                           concurrency: "int | ConcurrencyLimit | str" = 100, concurrency_max: int = DEFAULTS["concurrency_max"],
+                           concurrency: "int | ConcurrencyLimit | str" = DEFAULTS["concurrency"],
+                           concurrency_max: int = DEFAULTS["concurrency_max"],
                            num_repeats: "int | dict[str, int]" = 1,
                            agent_name: str | None = None, max_attempts: int = DEFAULTS["max_attempts"],
                            responses_create_params: dict | None = None,

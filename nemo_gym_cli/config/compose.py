@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from nemo_gym_cli.config.nemo_gym import INSTALL_HINT, NemoGymUnavailable, nemo_gym_tree, python_from_layers
-from nemo_gym_cli.config.paths import CONF_DIR, resolve_path, search_roots
+from nemo_gym_cli.config.paths import CONF_DIR, conf_files, resolve_path, search_roots
 from nemo_gym_cli.config.secrets import mask_secrets
 from nemo_gym_cli.config.specs import ServerSpec, server_specs, validate_servers
 
@@ -197,9 +197,11 @@ def compose(
     overrides = parse_overrides(args)
 
     layers: list[tuple[str, DictConfig]] = []
-    for name in ("base.yaml", f"{command}.yaml"):
-        if (CONF_DIR / name).is_file():
-            layers.append((f"conf/{name}", load_yaml(CONF_DIR / name, "defaults")))
+    for name in ("base", command):
+        for path in conf_files(name) if (CONF_DIR / f"{name}.yaml").is_file() else []:
+            layer = load_yaml(path, "defaults")
+            layer.pop("defaults", None)  # the files it builds on, loaded just before it
+            layers.append((f"conf/{path.name}", layer))
 
     env_path = find_env_yaml(cwd, env_yaml_roots)
     env_cfg = load_yaml(env_path, "env file") if env_path else OmegaConf.create({})

@@ -38,12 +38,26 @@ def parse_url_list(value: Any) -> list[str]:
     return [str(u).strip() for u in value if str(u).strip()]
 
 
+def conf_files(name: str) -> list[Path]:
+    """conf/<name>.yaml, after the conf files its `defaults:` list names (as Hydra's defaults list:
+    `defaults: [collection]` is conf/collection.yaml), lowest first: a value shared by two commands
+    lives in one file."""
+    path = CONF_DIR / f"{name}.yaml"
+    with open(path, "rb") as f:
+        includes = (yaml.safe_load(f) or {}).get("defaults") or []
+    return [*(p for inc in includes for p in conf_files(str(inc))), path]
+
+
 @functools.cache
 def conf_defaults(name: str) -> dict:
-    """conf/<name>.yaml as plain data, for code that runs without a composed config: the one
-    place for its defaults."""
-    with open(CONF_DIR / f"{name}.yaml", "rb") as f:
-        return yaml.safe_load(f) or {}
+    """conf/<name>.yaml (with its `defaults:`) as plain data, for code that runs without a composed
+    config: the one place for its defaults."""
+    merged: dict = {}
+    for path in conf_files(name):
+        with open(path, "rb") as f:
+            merged.update(yaml.safe_load(f) or {})
+    merged.pop("defaults", None)
+    return merged
 
 
 def base_defaults() -> dict:
