@@ -3,14 +3,16 @@
 A plug-in imports only from here:
 `from nemo_gym_cli.serving import SimpleResourcesServer, ServerConfig, route, require`.
 It gives the server base class and the three server kinds, their config types, the wire
-protocol, the error of a failed call, the model-adapter base class and its config, and the
-helpers every environment needs (the text of the model's answer, a path in the project).
+protocol and its one header check (check_header: no CR/LF/NUL), the error of a failed call, the
+model-adapter base class and its config, and the helpers every environment needs (the text of the
+model's answer, a path in the project).
 """
 
 from nemo_gym_cli.config.paths import resolve_path
 from nemo_gym_cli.config.typed import ServerConfig, ServerRef
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving.http11 import InvalidRequest, check_header
 from nemo_gym_cli.serving.kinds import ResponsesAPIAgent, ResponsesAPIModel, SimpleResourcesServer
 from nemo_gym_cli.serving.protocol import (GROUP_HEADER, SESSION_HEADER, HTTPError, RequestContext, content_text,
                                            last_assistant_text, last_message_text, new_session_id, require, route)
@@ -30,8 +32,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "GROUP_HEADER", "SESSION_HEADER", "BaseServer", "HTTPError", "RequestContext", "ResponsesAPIAgent",
+    "GROUP_HEADER", "SESSION_HEADER", "BaseServer", "HTTPError", "InvalidRequest", "RequestContext", "ResponsesAPIAgent",
     "ResponsesAPIModel", "ServerCallError", "ServerConfig", "ServerRef", "SimpleResourcesServer", "UpstreamConfig",
-    "UpstreamModel", "check_chat_completion", "check_response", "content_text", "last_assistant_text",
+    "UpstreamModel", "check_chat_completion", "check_header", "check_response", "content_text", "last_assistant_text",
     "last_message_text", "new_session_id", "require", "resolve_path", "route",
 ]

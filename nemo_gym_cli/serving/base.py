@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from nemo_gym_cli.config.paths import base_defaults
 from nemo_gym_cli.config.typed import ServerConfig, load_config
 from nemo_gym_cli.serving.protocol import JSON, SESSION_COOKIE, SESSION_HEADER, HTTPError, RequestContext, new_session_id
 
@@ -93,7 +94,9 @@ class BaseServer:
 
     # ------------------------------------------------------------ HTTP
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=1024**3)
+        # A request may be as large as an answer our clients accept: http_client.max_response_bytes.
+        cap = self.client.max_response_bytes if self.client is not None else base_defaults()["http_client"]["max_response_bytes"]
+        app = web.Application(client_max_size=cap)
         for (method, path), handler in self.routes.items():
             app.router.add_route(method, path, self._http_handler((method, path), handler))
         app.router.add_get("/metrics", self._metrics_handler)

@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-DEFAULT_MAX_RESPONSE_BYTES = 1 << 30  # as large as our servers' request cap (aiohttp client_max_size)
+from nemo_gym_cli.config.paths import base_defaults
+
 MAX_HEADER_BYTES = 64 * 1024
 # A connection idle longer than this is closed, not reused: uvicorn (vLLM) closes idle ones after
 # 5 s, and a request written into a connection the server is closing gets no answer.
@@ -310,11 +311,11 @@ class LeanHTTP:
     for one); `max_response_bytes` caps a response body.
     """
 
-    def __init__(self, connect_timeout: float = 10.0, per_host_limit: int = 0,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES):
-        self.connect_timeout = connect_timeout
+    def __init__(self, connect_timeout: float | None = None, per_host_limit: int = 0, max_response_bytes: int | None = None):
+        defaults = base_defaults()["http_client"]  # connect_timeout_s and max_response_bytes: their one home
+        self.connect_timeout = defaults["connect_timeout_s"] if connect_timeout is None else connect_timeout
         self.per_host_limit = per_host_limit
-        self.max_response_bytes = max_response_bytes
+        self.max_response_bytes = defaults["max_response_bytes"] if max_response_bytes is None else max_response_bytes
         self.pools: dict[tuple[str, int], _Pool] = {}
 
     def supports(self, url: str) -> bool:

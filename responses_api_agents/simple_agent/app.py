@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from nemo_gym_cli.serving import (GROUP_HEADER, HTTPError, RequestContext, ResponsesAPIAgent, ServerCallError,
-                                  ServerConfig, ServerRef, last_assistant_text, new_session_id, require, route)
+from nemo_gym_cli.serving import (GROUP_HEADER, HTTPError, InvalidRequest, RequestContext, ResponsesAPIAgent, ServerCallError,
+                                  ServerConfig, ServerRef, check_header, last_assistant_text, new_session_id, require, route)
 
 RELEASE_BATCH_S = 0.1  # finished sessions are released in batches: one call, not one per rollout
 
@@ -124,10 +124,12 @@ class SimpleAgent(ResponsesAPIAgent):
                                      "dataset row: responses_create_params")
         session_id = new_session_id()  # one rollout = one session
         group = body.get("_ng_task_index")
-        if group is not None and any(c in str(group) for c in "\r\n\0"):
-            # It becomes the X-Group-ID header: a row must not be able to add headers of its own.
-            raise HTTPError(400, "dataset row: field '_ng_task_index' contains CR, LF or NUL")
         group = None if group is None else f"{self.name}:{group}"
+        if group is not None:
+            try:  # it becomes the X-Group-ID header: a row must not be able to add headers of its own
+                check_header(GROUP_HEADER, group)
+            except InvalidRequest:
+                raise HTTPError(400, "dataset row: field '_ng_task_index' contains CR, LF or NUL") from None
         try:
             await self._call(self.resources_server, "/seed_session", body, session_id)
             response = await self._episode(params, session_id, group)
