@@ -16,6 +16,7 @@ from rich.text import Text
 from nemo_gym_cli.config import MODEL_SERVERS, head_url
 from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.logs import make_console
 
 HELP = """usage: ng_status [--watch] [+head_server.port=11000]
@@ -63,7 +64,7 @@ async def take_snapshot(client: ServerClient) -> Snapshot:
 
     async def collections() -> list[dict]:
         try:
-            return await client.request_json("GET", f"{client.head_url}/collections", server="head server", timeout_s=3, retries=0)
+            return await HeadClient(client).collections()
         except ServerCallError:
             return []  # an older head server
 

@@ -31,6 +31,7 @@ from nemo_gym_cli.config import head_url as default_head_url
 from nemo_gym_cli.config.paths import conf_defaults
 from nemo_gym_cli.serving.client import HttpClientConfig, ServerClient
 from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving.head_client import HeadClient
 
 # The one home of a collection's defaults (max_attempts, retry_backoff_s, ...), for this API too.
 DEFAULTS = conf_defaults("ng_collect_rollouts")
@@ -197,7 +198,7 @@ async def run_agent(job: Job, client: ServerClient) -> dict:
 
 async def list_agents(client: ServerClient) -> list[dict]:
     """The agents the head server knows (raises ServerCallError when it does not answer)."""
-    servers = await client.request_json("GET", f"{client.head_url}/servers", server="head server", timeout_s=5, retries=1)
+    servers = await HeadClient(client).servers(timeout_s=5, retries=1)
     return [s for s in servers if s.get("server_type") == AGENT_SERVERS]
 
 

@@ -26,6 +26,7 @@ from nemo_gym_cli.collect.stats import Stats
 from nemo_gym_cli.config import AGENT_SERVERS, Composed, head_url, resolve_path
 from nemo_gym_cli.config.nemo_gym import nemo_gym_roots
 from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.logs import make_console
 
 HELP = """usage: ng_collect_rollouts +input_jsonl_fpath=IN.jsonl +output_jsonl_fpath=OUT.jsonl [+agent_name=NAME]
@@ -181,7 +182,7 @@ class Collector:
     async def pass_thresholds(self, agents: set[str]) -> dict[str, float]:
         """Each agent's `pass_threshold` from the graph's config (default 1.0)."""
         try:
-            config = await self.client.request_json("GET", f"{self.client.head_url}/config", server="head server", timeout_s=5, retries=1)
+            config = await HeadClient(self.client).config()
         except ServerCallError:
             return {}
         thresholds = {}

@@ -25,6 +25,7 @@ from nemo_gym_cli.config import ServerSpec, mask_secrets
 from nemo_gym_cli.config.specs import NEMO_GYM
 from nemo_gym_cli.graph.build import RunningServer, serve
 from nemo_gym_cli.graph.progress_board import CollectionsBoard
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
@@ -87,19 +88,19 @@ class HeadServer(BaseServer):
         self.set_state(name, replica, "restarting")
         self.servers[(name, replica)]["restarts"] += 1
 
-    @route("/health", "GET")
+    @route(HeadClient.HEALTH, "GET")
     async def health(self, body: Any, ctx: RequestContext) -> Any:
         return {"status": "ok", "servers": len({name for name, _ in self.servers})}
 
-    @route("/servers", "GET")
+    @route(HeadClient.SERVERS, "GET")
     async def list_servers(self, body: Any, ctx: RequestContext) -> Any:
         return list(self.servers.values())
 
-    @route("/config", "GET")
+    @route(HeadClient.CONFIG, "GET")
     async def show_config(self, body: Any, ctx: RequestContext) -> Any:
         return self.masked_config
 
-    @route("/register")
+    @route(HeadClient.REGISTER)
     async def register_server(self, body: Any, ctx: RequestContext) -> Any:
         try:
             node = body.get("node")
@@ -110,7 +111,7 @@ class HeadServer(BaseServer):
                                  f"of a configured server replica") from None
         return {}
 
-    @route("/collections/progress")
+    @route(HeadClient.PROGRESS)
     async def collection_progress(self, body: Any, ctx: RequestContext) -> Any:
         try:
             self.collections.update(body)
@@ -118,7 +119,7 @@ class HeadServer(BaseServer):
             raise HTTPError(400, f"bad collection progress: {e}") from None
         return {}
 
-    @route("/collections", "GET")
+    @route(HeadClient.COLLECTIONS, "GET")
     async def list_collections(self, body: Any, ctx: RequestContext) -> Any:
         return self.collections.list()
 
@@ -126,7 +127,7 @@ class HeadServer(BaseServer):
     def _first_live(self, name: str) -> dict | None:
         return next((e for (n, _), e in self.servers.items() if n == name and e["url"]), None)
 
-    @route("/global_config_dict_yaml", "GET")
+    @route(HeadClient.GLOBAL_CONFIG_YAML, "GET")
     async def global_config_dict_yaml(self, body: Any, ctx: RequestContext) -> Any:
         """The masked config as YAML (a JSON string, as NeMo Gym's head answers), with every serving
         server's host and port (its first live replica) and this head server's address."""
@@ -142,7 +143,7 @@ class HeadServer(BaseServer):
         config["head_server"] = {**(config.get("head_server") or {}), "host": url.hostname, "port": url.port}
         return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
-    @route("/server_instances", "GET")
+    @route(HeadClient.SERVER_INSTANCES, "GET")
     async def server_instances(self, body: Any, ctx: RequestContext) -> Any:
         """NeMo Gym's view of the servers: one entry per replica."""
         out = []

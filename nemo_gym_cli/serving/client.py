@@ -35,6 +35,7 @@ from nemo_gym_cli.serving.cookies import SessionCookies
 from nemo_gym_cli.serving.errors import (ALREADY_RETRIED, NOT_PROCESSED_STATUSES, NOT_SENT_ERRORS, RETRY_STATUSES,
                                          UNAVAILABLE_ERRORS, ServerCallError, backoff_delay, error_message,
                                          failure_kind)
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.http11 import IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP, ProtocolError, check_header
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
@@ -148,9 +149,7 @@ class ServerClient:
 
     # ------------------------------------------------------------ name resolution
     async def servers(self) -> list[dict]:
-        if not self.head_url:
-            raise ServerCallError("head server", "(none)", "no head server address configured")
-        return await self.request_json("GET", f"{self.head_url}/servers", server="head server", timeout_s=10)
+        return await HeadClient(self).servers()
 
     async def replicas(self, name: str, wait: bool = True) -> Replicas:
         """The replicas of a name; waits (bounded) while none serves, e.g. during a restart."""

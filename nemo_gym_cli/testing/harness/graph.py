@@ -12,6 +12,7 @@ import psutil
 import yaml
 
 from nemo_gym_cli.testing.harness.http_calls import http_json
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.testing.harness.processes import GaveUp, free_port, script, start_process, stop_process, wait_until
 
 # The weather graph every test and bench starts: the vLLM adapter + simple_weather (+ its agent).
@@ -60,7 +61,7 @@ class Graph:
         def ready():
             if self.proc.poll() is not None:
                 raise GaveUp(f"ng_run exited with {self.proc.returncode}:\n{self.output()}")
-            servers = http_json(self.head + "/servers", timeout=2)[1]
+            servers = http_json(self.head + HeadClient.SERVERS, timeout=2)[1]
             return servers and all(s["state"] == "ready" for s in servers) and READY_LINE.search(self.output())
 
         try:
@@ -75,7 +76,7 @@ class Graph:
         return self
 
     def servers(self) -> list[dict]:
-        return http_json(self.head + "/servers")[1]
+        return http_json(self.head + HeadClient.SERVERS)[1]
 
     def url(self, name: str) -> str:
         return next(s["url"] for s in self.servers() if s["name"] == name)
