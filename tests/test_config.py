@@ -485,6 +485,14 @@ def test_the_guides_switch_from_openai_to_vllm_changes_only_the_policy_model(tmp
 # ------------------------------------------------------------------ ng_dump_config and secrets
 
 
+def test_dump_config_shows_a_comma_separated_base_url_as_the_list_the_adapter_uses(tmp_path):
+    write_env(tmp_path, {**POLICY_ENV, "policy_base_url": "http://vllm-1:8000/v1, http://vllm-2:8000/v1,"})
+    result = run_cli("ng_dump_config", [f"+config_paths=[{VLLM_MODEL},{WEATHER}]"], cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    model = yaml.safe_load(result.stdout)["policy_model"]["responses_api_models"]["vllm_model"]
+    assert model["base_url"] == ["http://vllm-1:8000/v1", "http://vllm-2:8000/v1"]
+
+
 def test_dump_config_prints_the_resolved_config_with_secrets_masked(tmp_path):
     write_env(tmp_path, {**POLICY_ENV, "policy_api_key": "sk-policy-SECRET-111"})
     write(tmp_path, "extra.yaml", """

@@ -66,9 +66,11 @@ def ng_run() -> None:
 
 
 def ng_dump_config() -> None:
-    # Composed with ng_run's defaults: it shows exactly what ng_run would use.
+    from nemo_gym_cli.graph.build import as_the_servers_read_it
+
+    # Composed with ng_run's defaults: it shows exactly what ng_run would use, URL lists as the servers split them.
     composed = _compose_or_exit("ng_run", _args("ng_dump_config"), shown_as="ng_dump_config")
-    sys.stdout.write(dump_yaml(composed.config))
+    sys.stdout.write(dump_yaml(as_the_servers_read_it(composed.config, composed.servers)))
 
 
 def ng_status() -> None:

@@ -122,6 +122,12 @@ def _build(cls: type, raw: dict, where: str, problems: list[str]) -> Any:
     return cls(**values)
 
 
+def url_list_fields(cls: type) -> list[str]:
+    """The fields of a config dataclass typed UrlList (e.g. a model adapter's base_url)."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if hints.get(f.name) is UrlList]
+
+
 def load_config(cls: type, raw: dict, where: str) -> Any:
     """`raw` (an instance's fields) as a `cls` dataclass; ConfigError lists every problem."""
     problems: list[str] = []

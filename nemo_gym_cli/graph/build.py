@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from aiohttp import web
 from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.config import ServerSpec
 from nemo_gym_cli.config.specs import OURS
+from nemo_gym_cli.config.paths import parse_url_list
 from nemo_gym_cli.config.typed import config_problems as typed_config_problems
+from nemo_gym_cli.config.typed import url_list_fields
 from nemo_gym_cli.serving.base import BaseServer
 
 # `python -m nemo_gym_cli.graph.child CONFIG_JSON --colocated`: every server in that one process.
@@ -53,6 +56,26 @@ def config_problems(specs: dict[str, ServerSpec], sources: dict[str, str]) -> li
             continue
         problems += [f"{where}: {p}" for p in typed_config_problems(cls.config_type, spec.config, spec.where)]
     return problems
+
+
+def as_the_servers_read_it(config: dict, specs: dict[str, ServerSpec]) -> dict:
+    """The config with each URL-list field (`base_url: "http://a/v1,http://b/v1"`) shown as the URLs
+    its server uses: a list when there are several, the one URL otherwise (what ng_dump_config prints).
+    A server whose class does not load is shown as written (ng_run names that problem)."""
+    shown = copy.deepcopy(config)
+    for spec in specs.values():
+        if spec.runtime != OURS:
+            continue
+        try:
+            names = url_list_fields(load_server_class(spec).config_type)
+        except Exception:  # noqa: BLE001 - reported by config_problems, not here
+            continue
+        fields = shown[spec.name][spec.server_type][spec.impl]
+        for name in names:
+            urls = parse_url_list(fields.get(name)) if isinstance(fields.get(name), (str, list)) else []
+            if urls:
+                fields[name] = urls if len(urls) > 1 else urls[0]
+    return shown
 
 
 def build_server(spec: ServerSpec, global_config: dict, client: ServerClient) -> BaseServer:
