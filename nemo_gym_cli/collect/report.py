@@ -62,16 +62,26 @@ def summary(collector, per_backend: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def agent_line(agent: dict) -> str:
-    parts = [f"{agent['rollouts']} rollouts", f"{agent['failures']} failed"]
+PASS_AT_K_PER_LINE = 2  # pass@k values on one line of the table: with the labels it fits 80 columns
+
+
+def agent_rows(name: str, agent: dict) -> list[tuple[str, str]]:
+    """An agent's rows: its counts, its mean reward, its pass@k (short values: the table stays narrow)."""
+    rows = [(f"agent {name}", f"{agent['rollouts']} rollouts, {agent['failures']} failed")]
     if "reward" in agent["means"]:
-        parts.append(f"reward {agent['means']['reward']:.4f}")
-    parts += [f"pass@{k} {v:.4f}" for k, v in agent["pass@k"].items()]
-    return ", ".join(parts)
+        rows.append(("  mean reward", f"{agent['means']['reward']:.4f}"))
+    if agent["pass@k"]:
+        rows.append(("  pass@k", pass_at_k_lines(agent["pass@k"])))
+    return rows
+
+
+def pass_at_k_lines(pass_at_k: dict) -> str:
+    """`pass@1 0.5000  pass@2 0.7500` lines: a table cell of its own lines, never wrapped mid-value."""
+    cells = [f"pass@{k} {v:.4f}" for k, v in pass_at_k.items()]
+    return "\n".join("  ".join(cells[i:i + PASS_AT_K_PER_LINE]) for i in range(0, len(cells), PASS_AT_K_PER_LINE))
 
 
 def report(collector, per_backend: dict[str, int]) -> dict:
-    from rich.table import Table
 
     data = summary(collector, per_backend)
     try:
@@ -79,13 +89,22 @@ def report(collector, per_backend: dict[str, int]) -> dict:
         saved = f"metrics: {collector.metrics_path}"
     except OSError as e:  # e.g. the disk filled at the very end: the rollouts are written, say so
         saved = f"metrics: cannot write {collector.metrics_path}: {e.strerror or e} (the table above has them)"
-    title = collector.agent or ", ".join(data["per_agent"]) or "no agent"
-    table = Table(title=f"Rollouts: {title} -> {collector.output.name}", show_header=False)
+    collector.console.print(summary_table(data, collector.agent, collector.output.name, collector.failures_path.name))
+    collector.console.print(saved, markup=False)
+    return data
+
+
+def summary_table(data: dict, agent: str | None, output_name: str, failures_name: str):
+    """The summary as a rich Table as narrow as its content (it fits an 80-column terminal)."""
+    from rich.table import Table
+
+    title = agent or ", ".join(data["per_agent"]) or "no agent"
+    table = Table(title=f"Rollouts: {title} -> {output_name}", show_header=False, expand=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("rollouts written", str(data["rollouts"]))
     failures = data["failures"]
-    table.add_row("failures", f"{failures}" + (f" (see {collector.failures_path.name})" if failures else ""))
+    table.add_row("failures", f"{failures}" + (f" (see {failures_name})" if failures else ""))
     table.add_row("retries", f"{data['retries']} (max_attempts {data['max_attempts']})")
     if data["skipped_already_done"]:
         table.add_row("already done (resume)", str(data["skipped_already_done"]))
@@ -98,14 +117,13 @@ def report(collector, per_backend: dict[str, int]) -> dict:
                   f"auto: settled at {auto['settled']} (max {auto['maximum']}, {len(auto['trace'])} changes)"
                   + ("" if auto["signals"] else "; no vLLM gauges, held"))
     for name, agent in data["per_agent"].items():
-        table.add_row(f"agent {name}", agent_line(agent))
+        for label, value in agent_rows(name, agent):
+            table.add_row(label, value)
     served = data["requests_per_backend"]
     total = sum(served.values())
     for backend, n in served.items():
         errors = "".join(f", {count} {outcome}" for outcome, count in data["errors_per_backend"].get(backend, {}).items())
         table.add_row(f"model requests {backend}", (f"{n} ({100 * n / total:.0f}%)" if total else "0") + errors)
-    if collector.interrupted:
+    if data["interrupted"]:
         table.add_row("interrupted", "yes: complete with +resume=true")
-    collector.console.print(table)
-    collector.console.print(saved, markup=False)
-    return data
+    return table
