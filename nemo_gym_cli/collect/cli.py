@@ -56,11 +56,17 @@ Failures never stop the run: a rollout that fails, a row naming an agent the gra
 have, and an input line that is not JSON or has no responses_create_params (named by file and
 line number), go to OUT_failures.jsonl with the attempts made and each reason. Exit code: 0 if
 every rollout succeeded, 1 if some failed, 2 for a setup error (bad flag, missing file, no
-ng_run, unknown +agent_name), 130 if interrupted.
+ng_run, unknown +agent_name), 75 if ng_run went away mid-run, 130 if interrupted.
+ng_run gone (its head server refuses connections): nothing new is sent, the run waits
++graph_wait_s=60 for it to come back, then ends; rollouts that found nothing listening cost
+no attempt and are not written anywhere, so +resume=true after restarting ng_run completes the set.
 Ctrl-C / SIGTERM: stop taking rows, let in-flight rollouts finish (+shutdown_grace_s=30),
 write the summary; a second Ctrl-C stops at once. The summary (totals, then one row per agent
 with pass@k) also goes to OUT_metrics.json.
 """
+
+
+GRAPH_GONE_EXIT = 75  # EX_TEMPFAIL: ng_run went away; resume once it is back
 
 
 class SetupError(Exception):
@@ -187,7 +193,8 @@ class Collector:
         skipped = [0]
         self.run_ = run = RolloutRun(self.jobs(done, failed, skipped), self.client, self.limit,
                                      max_attempts=self.max_attempts, agents=agents, call=self.call,
-                                     backoff_s=float(self.config.get("retry_backoff_s", RETRY_BACKOFF_S)))
+                                     backoff_s=float(self.config.get("retry_backoff_s", RETRY_BACKOFF_S)),
+                                     graph_wait_s=self.config.get("graph_wait_s"))
         self.total_rollouts = self.total(done)
         progress = self._progress(self.total_rollouts)
         if self.auto_max:
@@ -218,6 +225,11 @@ class Collector:
         self.stats.skipped = skipped[0]
         per_backend = spread(backends_before, await backend_counts(self.client, models))
         report(self, per_backend)
+        if run.graph.lost:
+            self.console.print(f"{self.command}: {run.graph.lost}. {self.stats.done} rollouts are written to {self.output}, "
+                               f"{run.not_run} did not run. Start ng_run again, then complete this run with the same command "
+                               f"and +resume=true.", style="red", markup=False)
+            return GRAPH_GONE_EXIT
         if self.interrupted:
             return 130
         return 1 if self.stats.failed else 0

@@ -41,5 +41,11 @@ def parse_url_list(value: Any) -> list[str]:
 def base_defaults() -> dict:
     """conf/base.yaml as plain data: the one place for the defaults every command shares
     (head_server, http_client), for code that runs without a composed config."""
-    with open(CONF_DIR / "base.yaml", "rb") as f:
+    return command_defaults("base")
+
+
+@functools.cache
+def command_defaults(command: str) -> dict:
+    """conf/<command>.yaml as plain data (e.g. the in-process API's defaults are ng_collect_rollouts')."""
+    with open(CONF_DIR / f"{command}.yaml", "rb") as f:
         return yaml.safe_load(f)
