@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from nemo_gym_cli.testing.harness.http_calls import http_json
-from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT, run_cli
+from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT, run_cli, script
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "graph"
 SECRET = "sk-ECHO-SECRET-9876543210"
@@ -86,3 +86,14 @@ def read_lines(path) -> list[dict]:
 
 def collect(g, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return run_cli("ng_collect_rollouts", [AGENT, f"+head_server.port={g.head_port}", "+progress=false", *args], cwd=g.cwd, timeout=timeout)
+
+
+def collect_in_background(g, out: Path, *args: str, rows: str = "in.jsonl") -> subprocess.Popen:
+    """ng_collect_rollouts over `g` into `out`, running while the test does things to the graph."""
+    return subprocess.Popen([script("ng_collect_rollouts"), AGENT, "+progress=false", f"+head_server.port={g.head_port}",
+                             f"+input_jsonl_fpath={rows}", f"+output_jsonl_fpath={out}", *args],
+                            cwd=g.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def lines_written(out: Path) -> int:
+    return out.read_bytes().count(b"\n") if out.exists() else 0
