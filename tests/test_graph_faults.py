@@ -23,7 +23,7 @@ from nemo_gym_cli.collect.cli import GRAPH_GONE_EXIT
 from nemo_gym_cli.graph.leftovers import PREFIX, STATE_FILE
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, WEATHER_AGENT, wait_until, weather_env
 from nemo_gym_cli.testing.harness.scenarios import (SECRET, by_name, collect, collect_in_background, lines_written,
-                                                   read_lines, start_pair, write_rows)
+                                                   read_lines, relay, start_pair, write_rows)
 
 ROWS = 300
 
@@ -176,3 +176,20 @@ def test_the_next_ng_run_ends_a_frozen_child_a_killed_ng_run_left_and_no_secret_
     assert not folder.exists()
     g2.stop()
     assert _graph_folder(g2.proc.pid) is None  # a clean stop removes the graph's folder
+
+
+def test_a_call_to_a_frozen_server_is_cut_off_in_seconds_while_a_long_call_of_a_live_one_finishes(graph, tmp_path):
+    # ng_run's own probes off: the caller's server client alone must notice (e.g. ng_run is gone).
+    g = start_pair(graph, tmp_path, "processes", args=["+liveness.interval_s=0", "+http_client.stall_s=1",
+                                                       "+http_client.liveness_timeout_s=1"])
+    status, body = relay(g, "long", s=4)  # 4x stall_s: echo's /health answers all along, so it runs to its end
+    assert status == 200 and body["reply"]["slept_s"] == 4, body
+    os.kill(by_name(g)["echo"]["pid"], signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        status, body = relay(g, "frozen", s=0.1)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(by_name(g)["echo"]["pid"], signal.SIGCONT)
+    assert status == 500 and "stopped answering /health" in body["error"]["message"], body
+    assert took < 10, f"{took:.1f} s"

@@ -115,7 +115,7 @@ class Launcher:
 
     def _supervise(self, runner: ReplicaRunner, policy: RestartPolicy | None) -> None:
         supervisor = Supervisor(runner, self.head, policy, lambda text: console.print(text, style="yellow", markup=False),
-                                self.liveness, self.probe_client.health_status)
+                                self.liveness, self.probe_client.health_problem)
         self.supervisors.append(supervisor)
         self.tasks[asyncio.create_task(supervisor.run())] = supervisor
 

@@ -19,8 +19,8 @@ from typing import Awaitable, Callable, Protocol
 from nemo_gym_cli.config.typed import load_config
 from nemo_gym_cli.graph.head import HeadServer
 
-# GET url with a timeout -> HTTP status (raises when there is no answer): ng_run's server client.
-Probe = Callable[[str, float], Awaitable[int]]
+# (server url, timeout) -> None if its /health answers in time, else why not (ServerClient.health_problem).
+Probe = Callable[[str, float], Awaitable["str | None"]]
 
 
 class ReplicaRunner(Protocol):
@@ -161,7 +161,7 @@ class Supervisor:
             await asyncio.sleep(liveness.interval_s)
             entries = [self.head.servers[m] for m in self.runner.members]
             live = [e for e in entries if e["state"] == "ready" and e["url"] and e["pid"] not in killed]
-            results = await asyncio.gather(*(self._probe(e["url"]) for e in live))
+            results = await asyncio.gather(*(self.probe(e["url"], liveness.timeout_s) for e in live))
             for entry, why in zip(live, results):
                 key = (entry["name"], entry["replica"], entry["pid"])
                 if why is None:
@@ -174,15 +174,3 @@ class Supervisor:
                     self.say(f"ng_run: server '{self.runner.label}' (pid {entry['pid']}) is not answering: {self.frozen}; "
                              f"killing it")
                     self.runner.kill()
-
-    async def _probe(self, url: str) -> str | None:
-        """None if `GET url/health` answers 200 within the timeout, else why not."""
-        timeout_s = self.liveness.timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                status = await self.probe(f"{url}/health", timeout_s)
-        except TimeoutError:
-            return f"no answer within {timeout_s:g} s"
-        except Exception as e:  # noqa: BLE001 - refused, reset, malformed: all "not answering"
-            return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        return None if status == 200 else f"HTTP {status}"

@@ -61,8 +61,9 @@ def wait_for_exit(g, timeout: float = 30) -> int:
         raise AssertionError(f"ng_run did not exit within {timeout} s:\n{g.output()}") from None
 
 
-def relay(g, session: str) -> tuple[int, dict]:
-    return http_json(g.url("caller") + "/relay", {"q": session}, headers={"X-Session-ID": session}, timeout=60)
+def relay(g, session: str, **body) -> tuple[int, dict]:
+    """caller's /relay to echo: /echo, or /slow with `s=seconds`."""
+    return http_json(g.url("caller") + "/relay", {"q": session, **body}, headers={"X-Session-ID": session}, timeout=60)
 
 
 AGENT = "+agent_name=simple_weather_simple_agent"
