@@ -22,9 +22,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, Graph, StandIn, wait_until, weather_env
-from nemo_gym_cli.testing.harness.scenarios import (by_name, collect, collect_in_background, lines_written, read_lines,
-                                                   write_rows)
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, Graph, StandIn, weather_env
+from nemo_gym_cli.testing.harness.scenarios import by_name, collect, collect_through_fault, read_lines, write_rows
 
 
 def rollouts_in(out: Path) -> tuple[int, int]:
@@ -42,16 +41,12 @@ def frozen_for_good(args, work: Path, env: dict, victim: str) -> list[str]:
     g = Graph(work, [VLLM_MODEL, WEATHER], env)
     out = work / "out.jsonl"
     try:
-        proc = collect_in_background(g, out, f"+concurrency={args.concurrency}")
-        wait_until(lambda: lines_written(out) >= args.rollouts // 4, 300, "a quarter written")
         pid = by_name(g)[victim]["pid"]
-        os.kill(pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        proc.communicate(timeout=600)
-        took = time.monotonic() - t0
+        code, _, took = collect_through_fault(g, out, args.rollouts, lambda: os.kill(pid, signal.SIGSTOP),
+                                              f"+concurrency={args.concurrency}", timeout=600)
         lines, distinct = rollouts_in(out)
         return [f"{victim} SIGSTOPped for good", f"{lines}/{args.rollouts} ({distinct} distinct)", str(failures_in(out)),
-                f"run ended {took:.1f} s after the freeze (exit {proc.returncode})", "-"]
+                f"run ended {took:.1f} s after the freeze (exit {code})", "-"]
     finally:
         g.stop()
         g.kill_leftovers()
@@ -60,16 +55,15 @@ def frozen_for_good(args, work: Path, env: dict, victim: str) -> list[str]:
 def ng_run_killed(args, work: Path, env: dict, freeze_child: bool) -> list[str]:
     g = Graph(work, [VLLM_MODEL, WEATHER], env)
     out = work / "out.jsonl"
-    try:
-        proc = collect_in_background(g, out, f"+concurrency={args.concurrency}")
-        wait_until(lambda: lines_written(out) >= args.rollouts // 4, 300, "a quarter written")
-        child = by_name(g)["simple_weather"]["pid"]
+    child = by_name(g)["simple_weather"]["pid"]
+
+    def fault() -> None:
         if freeze_child:
             os.kill(child, signal.SIGSTOP)
         os.kill(g.proc.pid, signal.SIGKILL)
-        t0 = time.monotonic()
-        proc.communicate(timeout=600)
-        ended = time.monotonic() - t0
+
+    try:
+        code, _, ended = collect_through_fault(g, out, args.rollouts, fault, f"+concurrency={args.concurrency}", timeout=600)
         written = lines_written(out)
         failed = failures_in(out)
         left = freeze_child and psutil.pid_exists(child) and psutil.Process(child).status() == psutil.STATUS_STOPPED
@@ -87,7 +81,7 @@ def ng_run_killed(args, work: Path, env: dict, freeze_child: bool) -> list[str]:
         extra = (f"stopped child left: {'yes' if left else 'no'}, next ng_run ended it: {'yes' if cleaned else 'no'}"
                  if freeze_child else "-")
         return [what, f"{written} at the end; after resume {lines}/{args.rollouts} ({distinct} distinct)", str(failed),
-                f"collector ended {ended:.1f} s after the kill (exit {proc.returncode}, graph_wait_s 60); "
+                f"collector ended {ended:.1f} s after the kill (exit {code}, graph_wait_s 60); "
                 f"resume exit {resumed.returncode} in {resume_s:.1f} s", extra]
     finally:
         g.stop()

@@ -22,8 +22,8 @@ from nemo_gym_cli.collect.api import GraphGone
 from nemo_gym_cli.collect.cli import GRAPH_GONE_EXIT
 from nemo_gym_cli.graph.leftovers import PREFIX, STATE_FILE
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, WEATHER_AGENT, wait_until, weather_env
-from nemo_gym_cli.testing.harness.scenarios import (SECRET, by_name, collect, collect_in_background, lines_written,
-                                                   read_lines, relay, start_pair, write_rows)
+from nemo_gym_cli.testing.harness.scenarios import (SECRET, by_name, collect, collect_through_fault, read_lines, relay,
+                                                   start_pair, write_rows)
 
 ROWS = 300
 
@@ -43,21 +43,14 @@ def test_a_server_frozen_for_good_is_killed_and_restarted_and_the_run_completes(
     pid = by_name(g)[frozen]["pid"]
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
-    proc = collect_in_background(g, out, "+concurrency=30")
-    try:
-        wait_until(lambda: lines_written(out) >= ROWS // 4, 120, "a quarter written")
-        os.kill(pid, signal.SIGSTOP)  # for good: only the kill ends it
-        frozen_at = time.monotonic()
-        output, _ = proc.communicate(timeout=120)
-        took = time.monotonic() - frozen_at
+    try:  # SIGSTOPped for good: only the kill ends it
+        code, output, took = collect_through_fault(g, out, ROWS, lambda: os.kill(pid, signal.SIGSTOP), "+concurrency=30")
     finally:
-        if proc.poll() is None:
-            proc.kill()
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert proc.returncode == 0, output
+    assert code == 0, output
     rows = read_lines(out)
     assert sorted(r["_ng_task_index"] for r in rows) == list(range(ROWS))  # nothing lost, nothing twice, no resume
     assert took < 60, f"{took:.1f} s from the freeze to the end of the run"
@@ -72,17 +65,10 @@ def test_ng_run_killed_mid_collection_costs_no_attempts_and_resume_completes_the
     g = weather_graph(graph, standins)
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
-    proc = collect_in_background(g, out, "+concurrency=30", "+graph_wait_s=5")
-    try:
-        wait_until(lambda: lines_written(out) >= ROWS // 4, 120, "a quarter written")
-        os.kill(g.proc.pid, signal.SIGKILL)  # ng_run only: its children follow it
-        killed_at = time.monotonic()
-        output, _ = proc.communicate(timeout=120)
-        took = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == GRAPH_GONE_EXIT, output
+    # ng_run only: its children follow it.
+    code, output, took = collect_through_fault(g, out, ROWS, lambda: os.kill(g.proc.pid, signal.SIGKILL),
+                                               "+concurrency=30", "+graph_wait_s=5")
+    assert code == GRAPH_GONE_EXIT, output
     assert "ng_run's graph at" in output and "did not come back within 5 s" in output and "+resume=true" in output, output
     assert "Traceback" not in output
     written = read_lines(out)
@@ -105,18 +91,15 @@ def test_ng_run_back_within_graph_wait_s_the_same_run_completes(graph, standins,
     g = weather_graph(graph, standins)
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
-    proc = collect_in_background(g, out, "+concurrency=30", "+graph_wait_s=60")
-    try:
-        wait_until(lambda: lines_written(out) >= ROWS // 4, 120, "a quarter written")
+
+    def kill_and_restart() -> None:
         os.kill(g.proc.pid, signal.SIGKILL)
         g.proc.wait(10)
         weather_graph(graph, standins, head_port=g.head_port)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    code, output, _ = collect_through_fault(g, out, ROWS, kill_and_restart, "+concurrency=30", "+graph_wait_s=60")
     # Rollouts cut off mid-call were retried (attempts left): the run completes without a resume.
-    assert proc.returncode == 0, output
+    assert code == 0, output
     assert sorted(r["_ng_task_index"] for r in read_lines(out)) == list(range(ROWS))
 
 

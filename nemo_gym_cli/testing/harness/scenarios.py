@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
 
 from nemo_gym_cli.testing.harness.http_calls import http_json
-from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT, run_cli, script
+from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT, run_cli, script, wait_until
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "graph"
 SECRET = "sk-ECHO-SECRET-9876543210"
@@ -98,3 +99,19 @@ def collect_in_background(g, out: Path, *args: str, rows: str = "in.jsonl") -> s
 
 def lines_written(out: Path) -> int:
     return out.read_bytes().count(b"\n") if out.exists() else 0
+
+
+def collect_through_fault(g, out: Path, total: int, fault, *args: str, timeout: float = 300) -> tuple[int, str, float]:
+    """Collect `total` rows of in.jsonl into `out`, calling `fault()` once a quarter is written:
+    (the collector's exit code, its output, seconds from the fault to its end)."""
+    proc = collect_in_background(g, out, *args)
+    try:
+        wait_until(lambda: lines_written(out) >= total // 4, timeout, "a quarter written")
+        fault()
+        t0 = time.monotonic()
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output, time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
