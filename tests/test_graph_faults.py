@@ -19,7 +19,7 @@ import pytest
 
 from nemo_gym_cli import collect_rollouts
 from nemo_gym_cli.collect.api import GraphGone
-from nemo_gym_cli.collect.cli import GRAPH_GONE_EXIT
+from nemo_gym_cli.collect.cli import EXIT_GRAPH_GONE
 from nemo_gym_cli.graph.leftovers import PREFIX, STATE_FILE
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, WEATHER_AGENT, wait_until, weather_env
 from nemo_gym_cli.testing.harness.scenarios import (SECRET, by_name, collect, collect_through_fault, read_lines, relay,
@@ -68,7 +68,7 @@ def test_ng_run_killed_mid_collection_costs_no_attempts_and_resume_completes_the
     # ng_run only: its children follow it.
     code, output, took = collect_through_fault(g, out, ROWS, lambda: os.kill(g.proc.pid, signal.SIGKILL),
                                                "+concurrency=30", "+graph_wait_s=5")
-    assert code == GRAPH_GONE_EXIT, output
+    assert code == EXIT_GRAPH_GONE, output
     assert "ng_run's graph at" in output and "did not come back within 5 s" in output and "+resume=true" in output, output
     assert "Traceback" not in output
     written = read_lines(out)

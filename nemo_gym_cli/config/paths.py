@@ -12,12 +12,13 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 
-def resolve_path(path: str | os.PathLike, *, cwd: Path | None = None) -> Path | None:
-    """Relative paths resolve against the current directory first, then the project root."""
+def resolve_path(path: str | os.PathLike, *, cwd: Path | None = None, extra_roots: list[Path] = ()) -> Path | None:
+    """Relative paths resolve against the current directory first, then the project root, then
+    `extra_roots` (the NeMo Gym tree of `nemo_gym.python`, where one is configured)."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return p if p.exists() else None
-    for base in (cwd or Path.cwd(), PROJECT_ROOT):
+    for base in (cwd or Path.cwd(), PROJECT_ROOT, *extra_roots):
         if (base / p).exists():
             return (base / p).resolve()
     return None

@@ -1,7 +1,7 @@
 """Servers of the graph in a process of their own (started and supervised by ng_run).
 
 python -m nemo_gym_cli.graph.child CONFIG_JSON INSTANCE_NAME [REPLICA]   one replica of one server
-python -m nemo_gym_cli.graph.child CONFIG_JSON --colocated               every server, one process
+python -m nemo_gym_cli.graph.child CONFIG_JSON --colocated [NAME ...]    these servers (default: all), one process
 
 CONFIG_JSON is a file, or `-`: read from stdin (as ng_run passes it, so that the config with its
 secrets is never written to disk).
@@ -43,8 +43,10 @@ def main() -> None:
     else:
         with open(config_path, "rb") as f:
             config = orjson.loads(f.read())
-    names = list(server_specs(config)) if target == COLOCATED_ARG else [target]
-    replica = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    if target == COLOCATED_ARG:
+        names, replica = sys.argv[3:] or list(server_specs(config)), 0
+    else:
+        names, replica = [target], int(sys.argv[3]) if len(sys.argv) > 3 else 0
     setup_logging(secrets=secret_values(config))
     sys.exit(run_async(main_async(config, names, replica)))
 

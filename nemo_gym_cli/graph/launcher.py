@@ -22,7 +22,7 @@ import orjson
 from rich.table import Table
 
 from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
-from nemo_gym_cli.graph import leftovers, ray_runner
+from nemo_gym_cli.graph import leftovers, nemo_runtime, ray_runner
 from nemo_gym_cli.graph.build import COLOCATED_ARG, STDIN_ARG
 from nemo_gym_cli.graph.head import HeadServer
 from nemo_gym_cli.graph.preflight import backends_table, preflight_models
@@ -42,6 +42,9 @@ class Launcher:
         self.composed = composed
         self.config = composed.config
         self.specs = composed.servers
+        self.nemo_specs = nemo_runtime.nemo_specs(self.specs)
+        if self.nemo_specs:  # they read their peers' addresses once: every port fixed, before anything starts
+            nemo_runtime.assign_fixed_ports(self.config, self.specs)
         self.secrets = secret_values(self.config)
         self.head = HeadServer(self.config, self.specs)
         self.runner_factory = runner_factory or self._local_process
@@ -73,7 +76,7 @@ class Launcher:
         try:
             if not self.specs:
                 console.print("[yellow]ng_run: the config defines no servers (did you pass +config_paths=[...]?)[/yellow]")
-            self._start_supervisors()
+            await self._start_supervisors()
             ready = await self._wait_ready(float(self.config.get("ready_timeout_s", 60)))
             if ready and self.config.get("preflight", True) is not False:
                 ready = await self._preflight()
@@ -95,23 +98,42 @@ class Launcher:
         self.stop_event.set()
 
     # ------------------------------------------------------------ start
-    def _start_supervisors(self) -> None:
-        # The resolved config (with secrets) goes to children through their stdin, never to disk.
+    async def _start_supervisors(self) -> None:
+        await self._start_nemo_gym_servers()
+        # The resolved config (with secrets) goes to our children through their stdin, never to disk.
         self.child_config = orjson.dumps(self._config_for_children())
         if self.config.get("log_dir"):
             Path(self.config["log_dir"]).mkdir(parents=True, exist_ok=True)
+        ours = [s for s in self.specs.values() if s not in self.nemo_specs]
         if self.config.get("colocate"):
-            # One process for all: restart it unless an instance says never (its crash is everyone's).
-            runner: ReplicaRunner = LocalProcess("colocated", [(n, 0) for n in self.specs], [STDIN_ARG, COLOCATED_ARG],
-                                                 self.secrets, self.config.get("log_dir"), self.child_config,
-                                                 self.graph_state.child_started)
-            never = any(s.restart == "never" for s in self.specs.values())
+            # One process for all of ours: restart it unless an instance says never (its crash is everyone's).
+            names = [s.name for s in ours]
+            runner: ReplicaRunner = LocalProcess("colocated", [(n, 0) for n in names], [STDIN_ARG, COLOCATED_ARG, *names],
+                                                 self.secrets, self.config.get("log_dir"), config=self.child_config,
+                                                 on_started=self.graph_state.child_started)
+            never = any(s.restart == "never" for s in ours)
             self._supervise(runner, None if never else RestartPolicy.from_config(self.config))
             return
-        for spec in self.specs.values():
+        for spec in ours:
             for replica in range(spec.replicas):
                 policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
                 self._supervise(self.runner_factory(spec, replica), policy)
+
+    async def _start_nemo_gym_servers(self) -> None:
+        """NeMo Gym's own servers (nemo_runtime.py), on one Ray cluster: +ray.address, else a Ray head
+        of ours, started first and supervised with the graph (its death stops the graph)."""
+        if not self.nemo_specs:
+            return
+        ray_address = ray_runner.ray_address(self.config)
+        if not ray_address:
+            ray_head = nemo_runtime.RayHead(self.config, Path(self.tmpdir.name) / "ray", self.secrets)
+            self._supervise(ray_head, None)  # its supervisor starts it
+            await ray_head.wait_serving()
+            ray_address = ray_head.address
+        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.url, ray_address)
+        for spec in self.nemo_specs:
+            policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
+            self._supervise(nemo_runtime.NemoGymProcess(spec, self.config, dict_yaml, self.head, self.secrets), policy)
 
     def _supervise(self, runner: ReplicaRunner, policy: RestartPolicy | None) -> None:
         supervisor = Supervisor(runner, self.head, policy, lambda text: console.print(text, style="yellow", markup=False),
@@ -123,7 +145,7 @@ class Launcher:
         label = spec.name if spec.replicas == 1 else f"{spec.name}#{replica}"
         args = [STDIN_ARG, spec.name] + ([str(replica)] if replica else [])
         return LocalProcess(label, [(spec.name, replica)], args, self.secrets, self.config.get("log_dir"),
-                            self.child_config, self.graph_state.child_started)
+                            config=self.child_config, on_started=self.graph_state.child_started)
 
     def _config_for_children(self) -> dict:
         config = dict(self.config)
@@ -141,11 +163,11 @@ class Launcher:
                 if self.stop_event.is_set() or self._ended():
                     return False
                 for key in list(pending):
-                    url = self.head.servers[key]["url"]
-                    if url is None:
+                    entry = self.head.servers[key]
+                    if entry["url"] is None:
                         continue
                     try:
-                        await probe.request_json("GET", f"{url}/health", server=key[0], timeout_s=2, retries=0)
+                        await probe.request_json("GET", entry["url"] + entry["probe_path"], server=key[0], timeout_s=2, retries=0)
                         pending.discard(key)
                         self.head.set_state(*key, "ready")
                     except Exception:
@@ -229,7 +251,10 @@ class Launcher:
         for task in self.tasks:
             task.cancel()  # a supervisor waiting out a backoff stops waiting
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await asyncio.gather(*(s.stop(grace) for s in self.supervisors), return_exceptions=True)
+        # The Ray head last: NeMo Gym's servers leave its cluster first.
+        ray_heads = [s for s in self.supervisors if isinstance(s.runner, nemo_runtime.RayHead)]
+        await asyncio.gather(*(s.stop(grace) for s in self.supervisors if s not in ray_heads), return_exceptions=True)
+        await asyncio.gather(*(s.stop(grace) for s in ray_heads), return_exceptions=True)
         await self.head.stop()
         await self.probe_client.close()
         self.tmpdir.cleanup()

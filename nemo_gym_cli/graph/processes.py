@@ -35,10 +35,16 @@ class LocalProcess:
     """A ReplicaRunner (see supervisor.py) for one child process; each start() is a new process."""
 
     def __init__(self, label: str, members: list[tuple[str, int]], child_args: list[str], secrets: set[str],
-                 log_dir: str | None, config: bytes = b"", on_started: Callable[[str, int], None] | None = None):
-        """`config`: the resolved config as JSON, written to the child's stdin (child.py reads it);
-        `on_started(label, pid)`: told of every new process (the graph's leftovers record)."""
+                 log_dir: str | None, *, command: list[str] | None = None, cwd: str | None = None,
+                 env: dict[str, str] | None = None, config: bytes | None = None,
+                 on_started: Callable[[str, int], None] | None = None):
+        """`child_args` of our child module; or `command` run as is (NeMo Gym's servers, a Ray
+        head) in `cwd`, with `env` as its whole environment. `config`: the resolved config as JSON,
+        written to its stdin (child.py reads it there); `on_started(label, pid)`: told of every new
+        process (the graph's leftovers record)."""
         self.label, self.members, self.child_args, self.secrets = label, members, child_args, secrets
+        self.command = command or [sys.executable, "-m", "nemo_gym_cli.graph.child", *child_args]
+        self.cwd, self.env = cwd, env
         self.config, self.on_started = config, on_started
         self.log_path = Path(log_dir) / f"{label}.log" if log_dir else None
         self.proc: asyncio.subprocess.Process | None = None
@@ -52,21 +58,22 @@ class LocalProcess:
     async def start(self) -> None:
         self.lines.clear()  # the report of a death shows the lines of that life
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nemo_gym_cli.graph.child", *self.child_args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, preexec_fn=_die_with_parent,
+            *self.command, cwd=self.cwd,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL if self.config is None else asyncio.subprocess.PIPE,
+            env=self.env or {**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, preexec_fn=_die_with_parent,
         )
         if self.on_started is not None:
             self.on_started(self.label, self.proc.pid)
         self.pump = asyncio.create_task(self._pump(self.proc))
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(self.config)
-            await self.proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it died at once: wait() reports how
-        finally:
-            self.proc.stdin.close()
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write(self.config)
+                await self.proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it died at once: wait() reports how
+            finally:
+                self.proc.stdin.close()
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None

@@ -20,7 +20,7 @@ replica with calls in flight that has answered none for `stall_s` is probed on /
 one that misses `liveness_failures` probes in a row is frozen: its calls are cut off at once
 (failure "frozen") and it is left for its restarted process, while a long call of a server
 whose /health answers runs to its end. A replica that is gone (it refused the call, or reset it and
-then refused a probe: its process is dead, and what it did died with it) is left for another
+then refused or reset a probe: its process is dead or dying, and what it did died with it) is left for another
 one, or for its restarted process; a session that lived on it fails, naming why.
 """
 
@@ -37,7 +37,8 @@ import orjson
 
 from nemo_gym_cli.config.paths import base_defaults
 from nemo_gym_cli.config.typed import load_config
-from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
+from nemo_gym_cli.serving.cookies import SessionCookies
+from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP,
                                          NotSent, ProtocolError, check_header)
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
@@ -166,6 +167,7 @@ class ServerClient:
         self.resolve_timeout_s = cfg.resolve_timeout_s
         self.resolver = Resolver(self.servers)
         self._watchdog: asyncio.Task | None = None
+        self.cookies = SessionCookies()  # what servers set per session (NeMo Gym's stateful environments)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -183,22 +185,29 @@ class ServerClient:
             await self._session.close()
 
     async def raw_request(self, method: str, url: str, data: bytes | None, headers: dict | None,
-                          timeout_s: float | None, *, idempotent: bool | None = None) -> tuple[int, bytes]:
-        """One HTTP exchange, no retries: (status, body). Raises UNAVAILABLE_ERRORS (NotSent when
-        nothing went out), ProtocolError for a malformed or oversized answer, InvalidRequest
-        for a header with CR/LF/NUL."""
+                          timeout_s: float | None, *, idempotent: bool | None = None,
+                          cap: BodyCap | None = None, set_cookies: list[str] | None = None) -> tuple[int, bytes]:
+        """One HTTP exchange, no retries: (status, body); `set_cookies` gets the answer's
+        Set-Cookie values. Raises UNAVAILABLE_ERRORS (NotSent when nothing went out),
+        ProtocolError for a malformed or oversized answer (over `cap`, default
+        http_client.max_response_bytes), InvalidRequest for a header with CR/LF/NUL."""
         if self.lean.supports(url):
-            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent)
+            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent,
+                                           cap=cap, set_cookies=set_cookies)
         for name, value in (headers or {}).items():
             check_header(name, str(value))
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
-        cap = self.max_response_bytes
+        cap = cap or BodyCap(self.max_response_bytes, "http_client.max_response_bytes")
         async with self.http.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
+            if resp.content_length is not None and resp.content_length > cap.limit:
+                raise cap.refuse(url, resp.content_length)
+            if set_cookies is not None:
+                set_cookies.extend(resp.headers.getall("Set-Cookie", ()))
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk
-                if len(body) > cap:
-                    raise ProtocolError(f"{url}: response body over the {cap}-byte cap (http_client.max_response_bytes)")
+                if len(body) > cap.limit:
+                    raise cap.refuse(url)
             return resp.status, bytes(body)
 
     async def health_status(self, url: str, timeout_s: float) -> int:
@@ -247,12 +256,17 @@ class ServerClient:
         """POST by server name: to the session's replica, else the least busy one. `idempotent=True`
         only for calls that are safe to run twice (see the module docstring): it allows re-sending
         after a reset, a timeout or a 5xx. A call moves on from a replica that is gone (refused it,
-        or reset it and then refused a probe: its process is dead); see serving/replicas.py."""
+        or reset it and then a probe found nothing serving: its process is dead); see serving/replicas.py."""
         local = self.local_servers.get(server)
         if local is not None:
             return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers, idempotent)
+        set_cookies: list[str] | None = None
         if session_id:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
+            cookie = self.cookies.header(server, session_id)
+            if cookie:
+                headers["Cookie"] = cookie
+            set_cookies = []
         for failovers in range(MAX_FAILOVERS + 1):
             reps = self.resolver.names.get(server)
             if reps is None or not reps.live or reps.degraded:  # (the common case skips a coroutine)
@@ -278,7 +292,8 @@ class ServerClient:
                 self._watchdog = asyncio.ensure_future(self._watch_liveness())
             try:
                 return await self.request_json("POST", replica.url + path, body, headers=headers, server=server,
-                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent)
+                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent,
+                                               set_cookies=set_cookies)
             except asyncio.CancelledError:
                 if replica.frozen is None or task not in replica.calls or task.uncancel() > 0:
                     raise  # cancelled by its caller, not cut off by the watchdog
@@ -298,7 +313,14 @@ class ServerClient:
                 replica.in_flight -= 1
                 replica.calls.discard(task)
                 replica.answered_at = time.monotonic()
+                if set_cookies:
+                    self.cookies.store(server, session_id, set_cookies)
+                    set_cookies.clear()
         raise AssertionError("unreachable")
+
+    def forget_sessions(self, session_ids: list[str]) -> None:
+        """Rollouts ended: drop the cookies their servers set."""
+        self.cookies.forget(session_ids)
 
     async def _watch_liveness(self) -> None:
         """Probe replicas whose calls stall; cut off the calls of one that stopped answering."""
@@ -323,8 +345,9 @@ class ServerClient:
                         task.cancel()
 
     async def health_problem(self, url: str, timeout_s: float) -> str | None:
-        """Liveness of one of our servers: None if `GET url/health` answers 200 within timeout_s, else
-        why not (also ng_run's supervisor's probe)."""
+        """Liveness of a server of the graph (also ng_run's supervisor's probe): None if `GET url/health`
+        answers within timeout_s, else why not. Any answer below 500 is alive: NeMo Gym's servers
+        have no /health (a 404), and liveness is about answering at all."""
         try:
             async with asyncio.timeout(timeout_s):
                 status = await self.health_status(url + "/health", timeout_s)
@@ -332,17 +355,20 @@ class ServerClient:
             return f"no answer within {timeout_s:g} s"
         except Exception as e:  # noqa: BLE001 - refused, reset, malformed: all "not answering"
             return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        return None if status == 200 else f"HTTP {status}"
+        return None if status < 500 else f"HTTP {status}"
 
     async def _is_gone(self, replica: Replica, error: ServerCallError) -> bool:
-        """Refused: nothing listens there. Reset: gone only if a probe is refused too (a live
-        server that reset one connection may have acted on the call: never send it twice)."""
+        """Refused: nothing listens there. Reset: gone only if a probe finds nothing serving too
+        (a live server that reset one connection may have acted on the call: never send it twice).
+        The probe is refused once the process is dead, and reset without an answer while it is
+        being killed: its closing listen socket still completes handshakes, and a live server
+        always answers /health."""
         if replica.gone or error.failure == "refused":
             return True
         try:
             await self.health_status(replica.url + "/health", 2)
         except Exception as e:
-            return failure_kind(e) == "refused"
+            return failure_kind(e) in ("refused", "reset")
         return False
 
     async def post_each(self, server: str, path: str, body: Any = None, **kwargs) -> list[Any]:
@@ -388,9 +414,10 @@ class ServerClient:
 
     async def request_json(self, method: str, url: str, body: Any = None, *, headers: dict | None = None,
                            server: str = "", timeout_s: float | None = None, retries: int | None = None,
-                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None) -> Any:
+                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None,
+                           set_cookies: list[str] | None = None) -> Any:
         """One HTTP call with timeout and bounded retries (only where safe, see the module
-        docstring); returns the parsed JSON body."""
+        docstring); returns the parsed JSON body (`set_cookies` gets the Set-Cookie values)."""
         retries = self.max_retries if retries is None else retries
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
@@ -400,7 +427,8 @@ class ServerClient:
         hdrs = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers
         for attempt in range(retries + 1):
             try:
-                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent)
+                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent,
+                                                     set_cookies=set_cookies)
                 try:
                     parsed = orjson.loads(raw) if raw else None
                 except orjson.JSONDecodeError:

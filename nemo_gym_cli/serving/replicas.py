@@ -5,7 +5,7 @@ replica with the fewest calls in flight from this process. A session is pinned t
 replica of its first call, because its state lives there (a resources server's seeded
 episode, a model adapter's backend pin); when that replica is gone, later calls of the
 session fail (the collector retries the rollout) rather than reach a replica that never saw
-it. A replica is gone when it refuses connections, or resets one and then refuses a probe,
+it. A replica is gone when it refuses connections, or resets one and then refuses or resets a probe,
 or the head lists a new process for it; the listing is fetched again (once for all callers)
 when a name has a replica that is not serving, at most once a second.
 """
