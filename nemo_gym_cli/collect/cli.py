@@ -284,6 +284,7 @@ class Collector:
             self.failures.close()
             if self.auto is not None:
                 await self.auto.stop()
+            reason = reason or run.graph.lost
             state = "failed" if reason else "interrupted" if self.interrupted else "finished"
             await publisher.stop(state, reason)
         if write_failed is not None:
