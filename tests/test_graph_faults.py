@@ -19,7 +19,7 @@ import pytest
 
 from nemo_gym_cli import collect_rollouts
 from nemo_gym_cli.collect.api import GraphGone
-from nemo_gym_cli.collect.cli import EXIT_GRAPH_GONE
+from nemo_gym_cli.collect.collector import EXIT_GRAPH_GONE
 from nemo_gym_cli.graph.leftovers import PREFIX, STATE_FILE
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, WEATHER_AGENT, wait_until, weather_env
 from nemo_gym_cli.testing.harness.scenarios import (SECRET, by_name, collect, collect_through_fault, read_lines, relay,

@@ -11,7 +11,8 @@ import socket
 import pytest
 from aiohttp import web
 
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
 
 FAST = {"max_retries": 0, "backoff_base_s": 0.01, "resolve_timeout_s": 10}
 

@@ -16,8 +16,8 @@ from prometheus_client import generate_latest
 
 from nemo_gym_cli.routing import (Backend, BackendUnavailable, NoHealthyBackend, Router, RoutingSettings, SessionTable,
                                   make_policy)
-from nemo_gym_cli.routing.model_server import UpstreamModel
-from nemo_gym_cli.routing.upstream import Upstream, UpstreamError
+from nemo_gym_cli.model_adapter.server import UpstreamModel
+from nemo_gym_cli.model_adapter.upstream import Upstream, UpstreamError
 from nemo_gym_cli.serving.client import ServerClient
 
 POLICIES = ["least_loaded", "round_robin", "hash"]

@@ -14,8 +14,17 @@ from rich.table import Table
 from rich.text import Text
 
 from nemo_gym_cli.config import MODEL_SERVERS, head_url
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
 from nemo_gym_cli.serving.logs import make_console
+
+HELP = """usage: ng_status [--watch] [+head_server.port=11000]
+
+Ask the head server of a running ng_run for its servers and check that each answers now; show
+every model adapter's backends (up/down, in flight, sessions, requests, failovers, and vLLM's
+running, waiting, KV cache, prefix-cache hit rate, preemptions) and the collections in progress.
+--watch redraws it in place every second until Ctrl-C.
+"""
 
 WATCH_INTERVAL_S = 1.0
 DASH = "-"

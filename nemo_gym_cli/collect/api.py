@@ -36,7 +36,8 @@ from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.config import AGENT_SERVERS, MODEL_SERVERS
 from nemo_gym_cli.config import head_url as default_head_url
 from nemo_gym_cli.config.paths import command_defaults
-from nemo_gym_cli.serving.client import HttpClientConfig, ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import HttpClientConfig, ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
 
 RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
 NOT_SENT_FAILURES = ("refused", "not_sent")  # ServerCallError.failure of a call that never reached a server

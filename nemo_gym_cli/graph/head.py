@@ -24,7 +24,7 @@ import yaml
 from nemo_gym_cli.config import ServerSpec, mask_secrets
 from nemo_gym_cli.config.specs import NEMO_GYM
 from nemo_gym_cli.graph.build import RunningServer, serve
-from nemo_gym_cli.graph.collections import CollectionsBoard
+from nemo_gym_cli.graph.progress_board import CollectionsBoard
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 

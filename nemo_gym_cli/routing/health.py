@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
-from nemo_gym_cli.serving.client import UNAVAILABLE_ERRORS
+from nemo_gym_cli.serving.errors import UNAVAILABLE_ERRORS
 
 from .backend import Backend
 

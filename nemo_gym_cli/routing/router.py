@@ -12,9 +12,8 @@ from typing import Awaitable, Callable, Literal, TypeVar
 from prometheus_client import CollectorRegistry
 
 from nemo_gym_cli.config.typed import UrlList
-from nemo_gym_cli.serving.client import UNAVAILABLE_ERRORS
 
-from . import metrics as _metrics
+from . import backend_metrics as _metrics
 from .backend import Backend
 from .groups import GroupAffinity
 from .health import HealthChecks, Probe
@@ -23,9 +22,6 @@ from .sessions import SessionTable
 
 T = TypeVar("T")
 
-# What an ``attempt`` should turn into BackendUnavailable (the backend refused, reset or timed
-# out): the server client's tuple, the same one the health checks use.
-UNAVAILABLE_EXCEPTIONS = UNAVAILABLE_ERRORS
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 
 

@@ -14,10 +14,8 @@ from typing import Any
 
 import orjson
 
-from nemo_gym_cli.config.typed import ServerConfig, ServerRef
-from nemo_gym_cli.serving.client import ServerCallError
-from nemo_gym_cli.serving import GROUP_HEADER, HTTPError, RequestContext, new_session_id, require, route
-from nemo_gym_cli.serving import ResponsesAPIAgent
+from nemo_gym_cli.serving import (GROUP_HEADER, HTTPError, RequestContext, ResponsesAPIAgent, ServerCallError,
+                                  ServerConfig, ServerRef, last_assistant_text, new_session_id, require, route)
 
 RELEASE_BATCH_S = 0.1  # finished sessions are released in batches: one call, not one per rollout
 
@@ -34,15 +32,6 @@ def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
         elif isinstance(value, dict):
             total[key] = _add_usage(total.get(key) or {}, value)
     return total
-
-
-def _has_answer(output: list[dict]) -> bool:
-    for item in output:
-        if item.get("type") == "message" and item.get("role", "assistant") == "assistant":
-            for part in item.get("content") or []:
-                if isinstance(part, dict) and part.get("text"):
-                    return True
-    return False
 
 
 # Fields of Responses create params the episode reads, and the JSON types each may have (None: absent or null).
@@ -204,7 +193,7 @@ class SimpleAgent(ResponsesAPIAgent):
             calls = [item for item in turn if item.get("type") == "function_call"]
             if response.get("status") == "incomplete":
                 break  # e.g. the context is full: end cleanly, verify what we have
-            if not calls and _has_answer(turn):
+            if not calls and last_assistant_text(turn):
                 break
             for call in calls:
                 outputs.append(await self._run_tool(call, tool_names, session_id))

@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_gym_cli.serving import HTTPError, RequestContext, route
-from nemo_gym_cli.routing.model_server import UpstreamModel, check_chat_completion
-from nemo_gym_cli.routing.upstream import UpstreamConfig
+from nemo_gym_cli.serving import HTTPError, RequestContext, UpstreamConfig, UpstreamModel, check_chat_completion, route
 from responses_api_models.vllm_model.conversion import (
     chat_to_response,
     incomplete_response,

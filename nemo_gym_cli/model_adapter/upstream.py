@@ -20,10 +20,10 @@ from typing import Any, Callable
 import orjson
 
 from nemo_gym_cli.config.typed import ServerConfig
-from nemo_gym_cli.routing import (UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, Backend, BackendUnavailable,
-                                  MalformedAnswer, Router, RoutingSettings)
+from nemo_gym_cli.routing import (UNAVAILABLE_STATUSES, Backend, BackendUnavailable, MalformedAnswer, Router,
+                                  RoutingSettings)
 from nemo_gym_cli.serving.base import BaseServer
-from nemo_gym_cli.serving.client import backoff_delay, error_message
+from nemo_gym_cli.serving.errors import UNAVAILABLE_ERRORS, backoff_delay, error_message
 from nemo_gym_cli.serving.http11 import BodyCap, ProtocolError
 from nemo_gym_cli.serving.protocol import GROUP_HEADER, SESSION_HEADER, HTTPError, RequestContext
 
@@ -94,7 +94,7 @@ class Upstream:
                                                                        idempotent=True, cap=self.answer_cap)
                 except ProtocolError as e:
                     raise MalformedAnswer(f"sent a malformed answer ({e})", backend.url) from None
-                except UNAVAILABLE_EXCEPTIONS as e:
+                except UNAVAILABLE_ERRORS as e:
                     raise BackendUnavailable(f"{type(e).__name__}: {e}".rstrip(": ")) from None
                 if status < 400:
                     try:

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from nemo_gym_cli.routing.backend import Backend
-from nemo_gym_cli.routing.vllm_metrics import scrape
+from nemo_gym_cli.model_adapter.vllm_gauges import scrape
 
 PREFLIGHT_TIMEOUT_S = 5.0
 

@@ -25,7 +25,7 @@ from nemo_gym_cli.collect.report import backend_counts, report, spread
 from nemo_gym_cli.collect.stats import Stats
 from nemo_gym_cli.config import AGENT_SERVERS, Composed, head_url, resolve_path
 from nemo_gym_cli.config.nemo_gym import nemo_gym_roots
-from nemo_gym_cli.serving.client import ServerCallError
+from nemo_gym_cli.serving.errors import ServerCallError
 from nemo_gym_cli.serving.logs import make_console
 
 HELP = """usage: ng_collect_rollouts +input_jsonl_fpath=IN.jsonl +output_jsonl_fpath=OUT.jsonl [+agent_name=NAME]
