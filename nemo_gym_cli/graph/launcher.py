@@ -37,7 +37,8 @@ HELP = """usage: ng_run "+config_paths=[a.yaml,b.yaml]" [+key=value ...]
 
 Start the server graph: a head server (registry) plus one process per server instance in the
 config (or all in one child process with +colocate=true). Prints a table of servers when all answer
-/health; Ctrl-C or SIGTERM stops everything.
+/health; restarts a server that crashes or stops answering /health (+liveness.*); ends what a
+killed ng_run left behind; Ctrl-C or SIGTERM stops everything.
 
 Config layers, lowest to highest: conf/ defaults < config_paths files < env.yaml < command line.
 Common keys: +head_server.port=11000 +colocate=false +ready_timeout_s=60 +log_dir=logs
