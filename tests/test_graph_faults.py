@@ -21,7 +21,7 @@ from nemo_gym_cli import collect_rollouts
 from nemo_gym_cli.collect.api import GraphGone
 from nemo_gym_cli.collect.collector import EXIT_GRAPH_GONE
 from nemo_gym_cli.graph.leftovers import PREFIX, STATE_FILE
-from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, WEATHER_AGENT, wait_until, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, WEATHER_AGENT, free_port, run_cli, wait_until, weather_env
 from nemo_gym_cli.testing.harness.scenarios import (SECRET, by_name, collect, collect_through_fault, read_lines, relay,
                                                    start_pair, write_rows)
 
@@ -176,3 +176,9 @@ def test_a_call_to_a_frozen_server_is_cut_off_in_seconds_while_a_long_call_of_a_
         os.kill(by_name(g)["echo"]["pid"], signal.SIGCONT)
     assert status == 500 and "stopped answering /health" in body["error"]["message"], body
     assert took < 10, f"{took:.1f} s"
+
+
+def test_bad_liveness_settings_are_a_config_error_before_anything_starts(tmp_path):
+    done = run_cli("ng_run", ["+config_paths=[]", "+liveness.timeout_s=soon", f"+head_server.port={free_port()}"],
+                   cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "'liveness.timeout_s' must be float, got 'soon'" in done.stdout + done.stderr

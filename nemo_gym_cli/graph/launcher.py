@@ -21,7 +21,7 @@ from typing import Callable
 import orjson
 from rich.table import Table
 
-from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
+from nemo_gym_cli.config import Composed, ConfigError, ServerSpec, head_address, secret_values
 from nemo_gym_cli.graph import leftovers, nemo_runtime, ray_runner
 from nemo_gym_cli.graph.build import COLOCATED_ARG, STDIN_ARG
 from nemo_gym_cli.graph.head import HeadServer
@@ -272,6 +272,11 @@ class Launcher:
 
 
 async def run_graph(composed: Composed) -> int:
+    try:
+        Liveness.from_config(composed.config)  # checked before anything starts
+    except ConfigError as e:
+        console.print(f"ng_run: {e.render()}", style="red", markup=False)
+        return 2
     if not ray_runner.ray_address(composed.config):
         return await Launcher(composed).run()
     # On a Ray cluster: the same launcher, with every replica a Ray actor (ray_runner.py).
