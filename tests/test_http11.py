@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from nemo_gym_cli.serving.http11 import LeanHTTP, NotSent
+from nemo_gym_cli.testing.harness import wait_until_async
 
 
 PEERS = web.AppKey("peers", list)  # client port of each /echo request: which connection it came on
@@ -101,10 +102,7 @@ async def test_idle_connections_the_server_closed_are_replaced_transparently():
     try:
         await asyncio.gather(*(http.request("POST", f"{server}/echo", b"x", None, 5) for _ in range(10)))
         assert next(iter(http.pools.values())).idle  # pooled connections the server will close
-        deadline = asyncio.get_running_loop().time() + 10
-        while runner.server.connections:  # until the server has closed every idle connection
-            assert asyncio.get_running_loop().time() < deadline, "the server kept its idle connections"
-            await asyncio.sleep(0.02)  # poll interval
+        await wait_until_async(lambda: not runner.server.connections, 10, "the server to close its idle connections")
         closed = set(app[PEERS])
         for _ in range(3):
             assert await http.request("POST", f"{server}/echo", b"fresh", None, 5) == (200, b"fresh")

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.testing.harness import wait_until_async
 
 FAST = {"max_retries": 0, "backoff_base_s": 0.01, "resolve_timeout_s": 10}
 
@@ -125,8 +126,7 @@ async def test_calls_spread_by_least_in_flight_and_a_session_sticks(head, client
     for r in replicas:
         r.gate.clear()
     calls = [asyncio.ensure_future(client.post("env", "/work", {})) for _ in range(10)]
-    while sum(r.hits for r in replicas) < 10:
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: sum(r.hits for r in replicas) >= 10, 10, "the 10 calls to reach the replicas")
     assert [r.hits for r in replicas] == [5, 5]  # each call went to the one with fewer in flight
     for r in replicas:
         r.gate.set()

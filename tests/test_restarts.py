@@ -87,7 +87,7 @@ def test_restart_never_stops_the_graph_in_colocated_mode_too(graph, tmp_path):
 
 def test_restart_backoff_doubles_to_a_cap_and_a_storm_is_refused():
     now = [0.0]
-    policy = RestartPolicy(clock=lambda: now[0])
+    policy = RestartPolicy.from_config({}, clock=lambda: now[0])  # conf/ng_run.yaml's restarts
     delays = []
     for _ in range(5):
         delays.append(policy.next_delay())
@@ -96,7 +96,7 @@ def test_restart_backoff_doubles_to_a_cap_and_a_storm_is_refused():
     assert policy.next_delay() is None  # a 6th restart within 60 s: stop the graph
     now[0] += 60  # a quiet minute: restarts are allowed again, from the short backoff
     assert policy.next_delay() == 0.5
-    capped = RestartPolicy(max_restarts=10, clock=lambda: now[0])
+    capped = RestartPolicy.from_config({"restarts": {"max_restarts": 10}}, clock=lambda: now[0])
     assert [capped.next_delay() for _ in range(7)] == [0.5, 1, 2, 4, 8, 8, 8]
 
 

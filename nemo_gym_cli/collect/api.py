@@ -30,16 +30,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
-from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
+from nemo_gym_cli.collect.autoconcurrency import AUTO_START, AutoConcurrency, adapters_reader
 from nemo_gym_cli.collect.jobs import Job, Repeats, agent_ref, iter_rows
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.config import AGENT_SERVERS, MODEL_SERVERS
 from nemo_gym_cli.config import head_url as default_head_url
-from nemo_gym_cli.config.paths import command_defaults
+from nemo_gym_cli.config.paths import conf_defaults
 from nemo_gym_cli.serving.client import HttpClientConfig, ServerClient
 from nemo_gym_cli.serving.errors import ServerCallError
 
-RETRY_BACKOFF_S = 1.0  # first retry after 0.5-1x this, doubling, capped at 8 s (time for ng_run to restart a server)
+# The one home of a collection's defaults (max_attempts, retry_backoff_s, ...), for this API too.
+DEFAULTS = conf_defaults("ng_collect_rollouts")
 NOT_SENT_FAILURES = ("refused", "not_sent")  # ServerCallError.failure of a call that never reached a server
 GRAPH_POLL_S = 0.5  # while ng_run is gone, its head server is asked this often whether it is back
 
@@ -130,8 +131,10 @@ class RolloutRun:
     """
 
     def __init__(self, jobs: Iterator[Job], client: ServerClient, concurrency: "int | ConcurrencyLimit",
-                 max_attempts: int = 3, agents: set[str] | None = None, call: Callable | None = None,
-                 backoff_s: float = RETRY_BACKOFF_S, graph_wait_s: float | None = None):
+                 max_attempts: int = DEFAULTS["max_attempts"], agents: set[str] | None = None,
+                 call: Callable | None = None, backoff_s: float = DEFAULTS["retry_backoff_s"],
+                 backoff_max_s: float = DEFAULTS["retry_backoff_max_s"],
+                 graph_wait_s: float = DEFAULTS["graph_wait_s"]):
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
         self.jobs = jobs
@@ -140,9 +143,8 @@ class RolloutRun:
         self.max_attempts = max_attempts
         self.agents = agents  # None: not checked here
         self.call = call or run_agent
-        self.backoff_s = backoff_s
-        wait_s = command_defaults("ng_collect_rollouts")["graph_wait_s"] if graph_wait_s is None else graph_wait_s
-        self.graph = GraphWatch(client, float(wait_s))
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.graph = GraphWatch(client, float(graph_wait_s))
         self.not_run = 0  # rollouts dropped because the graph was gone (never ran: resume runs them)
         self.retries = 0  # attempts after the first, over all rollouts
         self.stopping = False
@@ -251,7 +253,7 @@ class RolloutRun:
                 return Outcome(job, error=message, status=status, attempts=attempts, reasons=reasons,
                                latency=time.perf_counter() - t0)
             self.retries += 1
-            await asyncio.sleep(random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (attempts - job.prior_attempts - 1)))
+            await asyncio.sleep(random.uniform(0.5, 1.0) * min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - job.prior_attempts - 1)))
 
     async def _graph_back(self) -> bool:
         back = await self.graph.back()
@@ -295,12 +297,32 @@ def collector_client(head_url: str, http_config: dict | None, most_in_flight: in
     return ServerClient(dataclasses.replace(http, connector_limit=max(http.connector_limit, 2 * most_in_flight)), head_url)
 
 
+def starting_limit(concurrency: "int | ConcurrencyLimit | str", maximum: int | None) -> tuple[ConcurrencyLimit, int | None]:
+    """(the limit to start with, the most it may rise to under "auto", else None)."""
+    if concurrency == "auto":
+        return ConcurrencyLimit(min(AUTO_START, maximum)), maximum
+    return ConcurrencyLimit.of(concurrency), None
+
+
+def start_run(jobs: Iterator[Job], client: ServerClient, limit: ConcurrencyLimit, *, auto_max: int | None,
+              models: list[str], **run_args) -> tuple[RolloutRun, AutoConcurrency | None]:
+    """The run of every collection (ng_collect_rollouts, ng_reverify, collect_rollouts()): a
+    RolloutRun, and under concurrency=auto (`auto_max`) the controller that moves its limit,
+    reading the model servers at `models`; the caller stops that controller."""
+    run = RolloutRun(jobs, client, limit, **run_args)
+    controller = None
+    if auto_max:
+        controller = AutoConcurrency(limit, adapters_reader(client, models), run.in_flight, maximum=auto_max)
+        controller.start()
+    return run, controller
+
+
 async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
-                           concurrency: "int | ConcurrencyLimit | str" = 100, concurrency_max: int = DEFAULT_MAXIMUM,
+                           concurrency: "int | ConcurrencyLimit | str" = 100, concurrency_max: int = DEFAULTS["concurrency_max"],
                            num_repeats: "int | dict[str, int]" = 1,
-                           agent_name: str | None = None, max_attempts: int = 3,
+                           agent_name: str | None = None, max_attempts: int = DEFAULTS["max_attempts"],
                            responses_create_params: dict | None = None,
-                           http_config: dict | None = None, graph_wait_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
+                           http_config: dict | None = None, graph_wait_s: float = DEFAULTS["graph_wait_s"]) -> AsyncIterator[dict[str, Any]]:
     """Yield one dict per finished rollout (see the module doc). `rows` is read lazily.
 
     head_url: the ng_run head server (default http://127.0.0.1:11000). num_repeats: an int or
@@ -311,17 +333,15 @@ async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
     at the start, and GraphGone (after yielding what finished) when the graph went away and did
     not come back: the rollouts not yielded never ran.
     """
-    auto = concurrency == "auto"
-    limit = ConcurrencyLimit(min(AUTO_START, concurrency_max)) if auto else ConcurrencyLimit.of(concurrency)
-    client = collector_client(head_url or default_head_url({}), http_config, concurrency_max if auto else limit.value)
+    limit, auto_max = starting_limit(concurrency, concurrency_max)
+    client = collector_client(head_url or default_head_url({}), http_config, auto_max or limit.value)
     controller = None
     try:
         agents = {s["name"] for s in await list_agents(client)}
         jobs = iter_rows(rows, Repeats(num_repeats), agent_name, responses_create_params)
-        run = RolloutRun(jobs, client, limit, max_attempts=max_attempts, agents=agents, graph_wait_s=graph_wait_s)
-        if auto:
-            controller = AutoConcurrency(limit, adapters_reader(client, await model_servers(client)), run.in_flight, maximum=concurrency_max)
-            controller.start()
+        models = await model_servers(client) if auto_max else []
+        run, controller = start_run(jobs, client, limit, auto_max=auto_max, models=models, max_attempts=max_attempts,
+                                    agents=agents, graph_wait_s=graph_wait_s)
         async with contextlib.aclosing(run.__aiter__()) as outcomes:  # leaving early cancels what is in flight
             async for outcome in outcomes:
                 yield outcome.as_dict()

@@ -17,9 +17,9 @@ from pathlib import Path
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
-from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, collector_client, list_agents, model_servers
-from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
-from nemo_gym_cli.collect.limit import ConcurrencyLimit
+from nemo_gym_cli.collect.api import (DEFAULTS, Outcome, RolloutRun, collector_client, list_agents, model_servers,
+                                      start_run, starting_limit)
+from nemo_gym_cli.collect.autoconcurrency import AutoConcurrency
 from nemo_gym_cli.collect.publish import ProgressPublisher
 from nemo_gym_cli.collect.report import backend_counts, report, spread
 from nemo_gym_cli.collect.stats import Stats
@@ -146,22 +146,22 @@ class Collector:
         self.output = Path(str(cfg["output_jsonl_fpath"])).expanduser().absolute()
         self.failures_path, self.metrics_path = J.out_paths(self.output)
         key = "num_samples_in_parallel" if cfg.get("num_samples_in_parallel") else "concurrency"
-        self.auto_max = None  # +concurrency=auto: a controller moves the limit (autoconcurrency.py)
-        if cfg.get(key) == "auto":
-            self.auto_max = positive_int(cfg, "concurrency_max") if cfg.get("concurrency_max") is not None else DEFAULT_MAXIMUM
-        self.limit = ConcurrencyLimit(min(AUTO_START, self.auto_max) if self.auto_max else positive_int(cfg, key))
+        # +concurrency=auto: a controller moves the limit (autoconcurrency.py), up to auto_max
+        auto = cfg.get(key) == "auto"
+        maximum = positive_int({**DEFAULTS, **cfg}, "concurrency_max") if auto else None  # (ng_reverify's config has none)
+        self.limit, self.auto_max = starting_limit("auto" if auto else positive_int(cfg, key), maximum)
         self.auto: AutoConcurrency | None = None
         try:
             self.repeats = J.Repeats(cfg.get("num_repeats", 1))
         except ValueError as e:
             raise SetupError(str(e)) from None
-        self.max_attempts = positive_int(cfg, "max_attempts") if cfg.get("max_attempts") is not None else 3
+        self.max_attempts = positive_int(cfg, "max_attempts")
         self.rows_limit = None if cfg.get("limit") is None else positive_int(cfg, "limit", allow_zero=True)
         self.params = cfg.get("responses_create_params") or {}
         if not isinstance(self.params, dict):
             raise SetupError(f"+responses_create_params must be a mapping, e.g. '+responses_create_params={{temperature:0.7}}', got {self.params!r}")
         self.resume = bool(cfg.get("resume"))
-        self.grace_s = float(cfg.get("shutdown_grace_s", 30))
+        self.grace_s = float(cfg["shutdown_grace_s"])
         self.client = collector_client(head_url(cfg), cfg.get("http_client"), self.auto_max or self.limit.value)
         self.stats = Stats(self.repeats.of)
         self.interrupted = False
@@ -247,15 +247,14 @@ class Collector:
         backends_before = await backend_counts(self.client, models)
         done, failed = self.open_outputs()
         skipped = [0]
-        self.run_ = run = RolloutRun(self.jobs(done, failed, skipped), self.client, self.limit,
-                                     max_attempts=self.max_attempts, agents=agents, call=self.call,
-                                     backoff_s=float(self.config.get("retry_backoff_s", RETRY_BACKOFF_S)),
-                                     graph_wait_s=self.config.get("graph_wait_s"))
+        run, self.auto = start_run(self.jobs(done, failed, skipped), self.client, self.limit, auto_max=self.auto_max,
+                                   models=models, max_attempts=self.max_attempts, agents=agents, call=self.call,
+                                   backoff_s=float(self.config["retry_backoff_s"]),
+                                   backoff_max_s=float(self.config["retry_backoff_max_s"]),
+                                   graph_wait_s=float(self.config["graph_wait_s"]))
+        self.run_ = run
         self.total_rollouts = self.total(done)
         progress = self._progress(self.total_rollouts)
-        if self.auto_max:
-            self.auto = AutoConcurrency(self.limit, adapters_reader(self.client, models), run.in_flight, maximum=self.auto_max)
-            self.auto.start()
         publisher = ProgressPublisher(self.client, self.client.head_url, self.agent or "(per row)", str(self.output),
                                       self.progress_numbers)
         publisher.start()

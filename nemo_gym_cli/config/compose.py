@@ -22,8 +22,6 @@ from nemo_gym_cli.config.paths import CONF_DIR, resolve_path, search_roots
 from nemo_gym_cli.config.secrets import mask_secrets
 from nemo_gym_cli.config.specs import ServerSpec, server_specs, validate_servers
 
-MISSING = "???"
-
 
 class ConfigError(ValueError):
     """Every problem found in a config, reported at once."""

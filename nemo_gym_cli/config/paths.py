@@ -39,14 +39,13 @@ def parse_url_list(value: Any) -> list[str]:
 
 
 @functools.cache
+def conf_defaults(name: str) -> dict:
+    """conf/<name>.yaml as plain data, for code that runs without a composed config: the one
+    place for its defaults."""
+    with open(CONF_DIR / f"{name}.yaml", "rb") as f:
+        return yaml.safe_load(f) or {}
+
+
 def base_defaults() -> dict:
-    """conf/base.yaml as plain data: the one place for the defaults every command shares
-    (head_server, http_client), for code that runs without a composed config."""
-    return command_defaults("base")
-
-
-@functools.cache
-def command_defaults(command: str) -> dict:
-    """conf/<command>.yaml as plain data (e.g. the in-process API's defaults are ng_collect_rollouts')."""
-    with open(CONF_DIR / f"{command}.yaml", "rb") as f:
-        return yaml.safe_load(f)
+    """conf/base.yaml: the defaults every command shares (head_server, http_client)."""
+    return conf_defaults("base")

@@ -44,6 +44,10 @@ class ServerSpec:
         value = self.config.get("replicas", 1)
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
+    def label(self, replica: int) -> str:
+        """How logs and reports name one replica: `env`, or `env#1` when it has several."""
+        return self.name if self.replicas == 1 else f"{self.name}#{replica}"
+
     @property
     def restart(self) -> str:
         """`on-failure` (default): ng_run restarts it when it crashes; `never`: a crash stops the graph."""

@@ -80,12 +80,15 @@ class RunningServer:
         await self.server.on_shutdown()
 
 
+LISTEN_BACKLOG = 4096  # pending connections per listening socket (a burst of rollouts connects at once)
+
+
 async def serve(server: BaseServer, host: str, port: int) -> RunningServer:
     """Start the server's hooks and bind its port (0 = any free port); returns its URL."""
     await server.on_startup()
     runner = web.AppRunner(server.make_app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
     await site.start()
     bound = runner.addresses[0][1]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host

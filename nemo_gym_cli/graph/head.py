@@ -48,6 +48,12 @@ class HeadServer(BaseServer):
         self.collections = CollectionsBoard()  # progress of running ng_collect_rollouts
         self.url = ""
 
+    @property
+    def host_and_port(self) -> tuple[str, int]:
+        """Where it listens, from its URL (the port it got when the configured one was 0)."""
+        host, port = self.url.split("//", 1)[1].rsplit(":", 1)
+        return host, int(port)
+
     async def start(self, host: str, port: int) -> str:
         self.running = await serve(self, host, port)
         self.url = self.running.url
@@ -56,9 +62,6 @@ class HeadServer(BaseServer):
     async def stop(self) -> None:
         if self.running is not None:
             await self.running.stop()
-
-    def entry(self, name: str, replica: int = 0) -> dict:
-        return self.servers[(name, replica)]
 
     def register(self, name: str, url: str, pid: int, replica: int = 0, node: str | None = None) -> dict:
         entry = self.servers.get((name, replica))

@@ -88,8 +88,8 @@ class Launcher:
             if not self.specs:
                 console.print("[yellow]ng_run: the config defines no servers (did you pass +config_paths=[...]?)[/yellow]")
             await self._start_supervisors()
-            ready = await self._wait_ready(float(self.config.get("ready_timeout_s", 60)))
-            if ready and self.config.get("preflight", True) is not False:
+            ready = await self._wait_ready(float(self.config["ready_timeout_s"]))
+            if ready and self.config["preflight"] is not False:
                 ready = await self._preflight()
             if ready:
                 self._print_table(time.monotonic() - t0)
@@ -153,7 +153,7 @@ class Launcher:
         self.tasks[asyncio.create_task(supervisor.run())] = supervisor
 
     def _local_process(self, spec: ServerSpec, replica: int) -> ReplicaRunner:
-        label = spec.name if spec.replicas == 1 else f"{spec.name}#{replica}"
+        label = spec.label(replica)
         args = [STDIN_ARG, spec.name] + ([str(replica)] if replica else [])
         return LocalProcess(label, [(spec.name, replica)], args, self.secrets, self.config.get("log_dir"),
                             config=self.child_config, on_started=self.graph_state.child_started)
@@ -161,7 +161,7 @@ class Launcher:
     def _config_for_children(self) -> dict:
         config = dict(self.config)
         host, _ = head_address(self.config)  # the port it got (the configured one, or any free one)
-        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": int(self.head.url.rsplit(":", 1)[1])}
+        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": self.head.host_and_port[1]}
         return config
 
     # ------------------------------------------------------------ readiness and watching
@@ -256,7 +256,7 @@ class Launcher:
 
     # ------------------------------------------------------------ stop
     async def _stop_all(self) -> None:
-        grace = float(self.config.get("stop_grace_s", 10))
+        grace = float(self.config["stop_grace_s"])
         for supervisor in self.supervisors:
             supervisor.stopping = True
         for task in self.tasks:

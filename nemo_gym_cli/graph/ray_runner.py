@@ -19,6 +19,7 @@ import os
 from typing import Any, Callable
 
 from nemo_gym_cli.config import ServerSpec
+from nemo_gym_cli.graph.processes import LAST_LINES
 
 PLACEMENTS = ("spread", "pack")
 DEFAULT_ACTOR_OPTIONS = {"max_restarts": 3, "max_concurrency": 4}  # ready/wait/stop calls may overlap
@@ -83,7 +84,9 @@ async def expose(head: Any, host: str, port: int) -> None:
     """Serve the head server on `host` too (it keeps its loopback address for ng_status and the collector)."""
     from aiohttp import web
 
-    await web.TCPSite(head.running.runner, host, port, backlog=4096).start()
+    from nemo_gym_cli.graph.build import LISTEN_BACKLOG
+
+    await web.TCPSite(head.running.runner, host, port, backlog=LISTEN_BACKLOG).start()
 
 
 async def _result(ref: Any, timeout_s: float | None = None) -> Any:
@@ -102,7 +105,7 @@ class RayReplicas:
         from nemo_gym_cli.graph.ray_replica import ReplicaActor
 
         self.ray, self.config, self.head, self.say = ray, config, head, say
-        self.ready_timeout_s = float(config.get("ready_timeout_s", 60))
+        self.ready_timeout_s = float(config["ready_timeout_s"])
         self.actor_class = ray.remote(ReplicaActor)
         self.groups: dict[str, Any] = {}
         self._actor_config: dict | None = None
@@ -112,8 +115,7 @@ class RayReplicas:
         """The config actors get: the head server at this node's address, which they can reach."""
         async with self._exposing:
             if self._actor_config is None:
-                ip, port = driver_ip(self.ray), int(self.head.url.rsplit(":", 1)[1])
-                bound = self.head.url.split("//", 1)[1].rsplit(":", 1)[0]
+                ip, (bound, port) = driver_ip(self.ray), self.head.host_and_port
                 if ip != bound:
                     await expose(self.head, ip, port)
                 self._actor_config = {**self.config, "head_server": {**(self.config.get("head_server") or {}),
@@ -165,12 +167,12 @@ class RayReplica:
 
     def __init__(self, owner: RayReplicas, spec: ServerSpec, replica: int, options: dict):
         self.owner, self.spec, self.replica, self.options = owner, spec, replica, options
-        self.label = spec.name if spec.replicas == 1 else f"{spec.name}#{replica}"
+        self.label = spec.label(replica)
         self.members = [(spec.name, replica)]
         self.actor: Any = None
         self.pid: int | None = None
         self._failed = False
-        self.lines: collections.deque[str] = collections.deque(maxlen=40)
+        self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
 
     async def start(self) -> None:
         self._failed, self.pid = False, None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
 from nemo_gym_cli.config.typed import load_config
+from nemo_gym_cli.config.paths import conf_defaults
 from nemo_gym_cli.graph.head import HeadServer
 
 # (server url, timeout) -> None if its /health answers in time, else why not (ServerClient.health_problem).
@@ -50,20 +51,21 @@ class ReplicaRunner(Protocol):
 
 @dataclass
 class RestartPolicy:
-    """Backoff 0.5 s doubling to 8 s; more than `max_restarts` within `window_s` is a storm."""
+    """Backoff `backoff_s` doubling to `max_backoff_s`; more than `max_restarts` within `window_s`
+    is a storm. The defaults: `restarts` in conf/ng_run.yaml."""
 
-    backoff_s: float = 0.5
-    max_backoff_s: float = 8.0
-    max_restarts: int = 5
-    window_s: float = 60.0
+    backoff_s: float
+    max_backoff_s: float
+    max_restarts: int
+    window_s: float
     clock: Callable[[], float] = time.monotonic
     _recent: collections.deque = field(default_factory=collections.deque, repr=False)
 
     @classmethod
-    def from_config(cls, config: dict) -> "RestartPolicy":
-        cfg = config.get("restarts") or {}
-        return cls(float(cfg.get("backoff_s", 0.5)), float(cfg.get("max_backoff_s", 8)),
-                   int(cfg.get("max_restarts", 5)), float(cfg.get("window_s", 60)))
+    def from_config(cls, config: dict, clock: Callable[[], float] = time.monotonic) -> "RestartPolicy":
+        cfg = {**conf_defaults("ng_run")["restarts"], **(config.get("restarts") or {})}
+        return cls(float(cfg["backoff_s"]), float(cfg["max_backoff_s"]), int(cfg["max_restarts"]), float(cfg["window_s"]),
+                   clock)
 
     def next_delay(self) -> float | None:
         """The delay before the next restart (and count it), or None: too many restarts lately."""

@@ -19,9 +19,6 @@ import orjson
 from nemo_gym_cli.routing.backend import Backend
 from nemo_gym_cli.model_adapter.vllm_gauges import scrape
 
-PREFLIGHT_TIMEOUT_S = 5.0
-
-
 def _served_models(data: Any) -> list[dict] | None:
     """The `data` list of an OpenAI /models answer, or None when the answer is not one."""
     items = data.get("data") if isinstance(data, dict) else None
@@ -65,7 +62,7 @@ async def check_backend(client, backend: Backend, model: str, headers: dict, *, 
     return entry
 
 
-async def preflight(upstream, model: str, *, vllm: bool, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> dict[str, Any]:
+async def preflight(upstream, model: str, *, vllm: bool, timeout_s: float) -> dict[str, Any]:
     """Check every backend of `upstream`; returns {backends, errors, warnings}. Unreachable
     backends (when others answer) are marked down in the router, so no session lands there."""
     router, client = upstream.router, upstream.server.client

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import orjson
 
+from nemo_gym_cli.config.secrets import NO_API_KEY
 from nemo_gym_cli.config.typed import ServerConfig
 from nemo_gym_cli.routing import (UNAVAILABLE_STATUSES, Backend, BackendUnavailable, MalformedAnswer, Router,
                                   RoutingSettings)
@@ -68,7 +69,7 @@ class Upstream:
         cfg: UpstreamConfig = server.config
         self.server = server
         self.headers = {"Content-Type": "application/json"}
-        if cfg.api_key and cfg.api_key != "EMPTY":
+        if cfg.api_key and cfg.api_key != NO_API_KEY:
             self.headers["Authorization"] = f"Bearer {cfg.api_key}"
         self.timeout_s = cfg.timeout_s
         self.max_retries = cfg.max_retries
@@ -114,7 +115,7 @@ class Upstream:
                     except orjson.JSONDecodeError:
                         parsed = None
                     raise UpstreamError(status, error_message(parsed, raw[:500].decode(errors="replace")), backend.url)
-                await asyncio.sleep(backoff_delay(retry, 0.25, 4.0))
+                await asyncio.sleep(backoff_delay(retry, self.server.client.backoff_base, self.server.client.backoff_max))  # http_client's
             raise AssertionError("unreachable")
 
         return await self.router.call(session_id, attempt, group_key=group_key)

@@ -185,10 +185,6 @@ class ServerClient:
                                       f"{self.resolve_timeout_s:g} s for one to come back)", failure="unavailable")
             await asyncio.sleep(0.2)
 
-    async def url_of(self, name: str) -> str:
-        """The URL of the least busy live replica of a server."""
-        return (await self.replicas(name)).least_loaded().url
-
     # ------------------------------------------------------------ calls
     async def post(self, server: str, path: str, body: Any = None, *, session_id: str | None = None,
                    headers: dict | None = None, timeout_s: float | None = None,
