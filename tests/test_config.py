@@ -220,8 +220,10 @@ def test_comma_separated_urls_on_the_command_line_are_one_value_not_a_sweep(tmp_
 
     result = run_cli("ng_dump_config", args, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
-    dumped = yaml.safe_load(result.stdout)  # the value as the user wrote it: one string
-    assert dumped["policy_model"]["responses_api_models"]["vllm_model"]["base_url"] == "http://a:8000/v1,http://b:8000/v1"
+    dumped = yaml.safe_load(result.stdout)
+    assert dumped["policy_base_url"] == "http://a:8000/v1,http://b:8000/v1"  # the value as the user wrote it: one string
+    # ...and the adapter's field as it reads it (issue 16 point 6): one list of both URLs, not a sweep
+    assert dumped["policy_model"]["responses_api_models"]["vllm_model"]["base_url"] == ["http://a:8000/v1", "http://b:8000/v1"]
     assert "sweep" not in (result.stdout + result.stderr).lower()
 
 

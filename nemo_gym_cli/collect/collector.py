@@ -61,7 +61,10 @@ line number), go to OUT_failures.jsonl with the attempts made and each reason. E
 every rollout succeeded, 1 if some failed, 2 for a setup error (bad flag, missing file, no
 ng_run, unknown +agent_name, another collector writing OUT.jsonl), 74 if OUT.jsonl or
 OUT_failures.jsonl could not be written (e.g. the disk is full: the run stops, the output keeps
-whole lines only, +resume=true completes it), 130 if interrupted.
+whole lines only, +resume=true completes it), 75 if ng_run went away mid-run, 130 if interrupted.
+ng_run gone (its head server refuses connections): nothing new is sent, the run waits
++graph_wait_s=60 for it to come back, then ends; rollouts that found nothing listening cost
+no attempt and are not written anywhere, so +resume=true after restarting ng_run completes the set.
 Ctrl-C / SIGTERM: stop taking rows, let in-flight rollouts finish (+shutdown_grace_s=30),
 write the summary; a second Ctrl-C stops at once. The summary (totals, then one row per agent
 with pass@k) also goes to OUT_metrics.json.
@@ -69,6 +72,7 @@ with pass@k) also goes to OUT_metrics.json.
 
 
 EXIT_WRITE_FAILED = 74  # sysexits.h EX_IOERR: not "some rows failed" (1), nor a setup error (2)
+EXIT_GRAPH_GONE = 75  # EX_TEMPFAIL: ng_run went away; resume once it is back
 
 
 class SetupError(Exception):
@@ -249,7 +253,8 @@ class Collector:
         run, self.auto = start_run(self.jobs(done, failed, skipped), self.client, self.limit, auto_max=self.auto_max,
                                    models=models, max_attempts=self.max_attempts, agents=agents, call=self.call,
                                    backoff_s=float(self.config["retry_backoff_s"]),
-                                   backoff_max_s=float(self.config["retry_backoff_max_s"]))
+                                   backoff_max_s=float(self.config["retry_backoff_max_s"]),
+                                   graph_wait_s=float(self.config["graph_wait_s"]))
         self.run_ = run
         self.total_rollouts = self.total(done)
         progress = self._progress(self.total_rollouts)
@@ -281,6 +286,7 @@ class Collector:
             self.failures.close()
             if self.auto is not None:
                 await self.auto.stop()
+            reason = reason or run.graph.lost
             state = "failed" if reason else "interrupted" if self.interrupted else "finished"
             await publisher.stop(state, reason)
         if write_failed is not None:
@@ -292,6 +298,11 @@ class Collector:
         self.stats.skipped = skipped[0]
         per_backend = spread(backends_before, await backend_counts(self.client, models))
         report(self, per_backend)
+        if run.graph.lost:
+            self.console.print(f"{self.command}: {run.graph.lost}. {self.stats.done} rollouts are written to {self.output}, "
+                               f"{run.not_run} did not run. Start ng_run again, then complete this run with the same command "
+                               f"and +resume=true.", style="red", markup=False)
+            return EXIT_GRAPH_GONE
         if self.interrupted:
             return 130
         return 1 if self.stats.failed else 0

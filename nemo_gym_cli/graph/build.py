@@ -19,6 +19,8 @@ from nemo_gym_cli.serving.base import BaseServer
 
 # `python -m nemo_gym_cli.graph.child CONFIG_JSON --colocated`: every server in that one process.
 COLOCATED_ARG = "--colocated"
+# ... CONFIG_JSON `-`: the config comes on stdin (ng_run never writes it, with its secrets, to disk).
+STDIN_ARG = "-"
 
 
 def load_server_class(spec: ServerSpec) -> type[BaseServer]:

@@ -97,9 +97,8 @@ async def _result(ref: Any, timeout_s: float | None = None) -> Any:
 class RayReplicas:
     """Makes one ReplicaRunner (supervisor.py) per replica; owns the instances' placement groups.
 
-    Used as ng_run's runner factory: `factory(config_file, spec, replica)` (the config file is
-    for local children; actors get the config as an argument, since other nodes do not share
-    this node's files). `head` is ng_run's HeadServer, already started.
+    Used as ng_run's runner factory: `factory(spec, replica)` (actors get the config as an
+    argument). `head` is ng_run's HeadServer, already started.
     """
 
     def __init__(self, ray: Any, config: dict, head: Any, say: Callable[[str], None]):
@@ -111,9 +110,6 @@ class RayReplicas:
         self.groups: dict[str, Any] = {}
         self._actor_config: dict | None = None
         self._exposing = asyncio.Lock()
-
-    def factory(self, config_file: Any, spec: ServerSpec, replica: int) -> "RayReplica":
-        return self.runner(spec, replica)
 
     async def actor_config(self) -> dict:
         """The config actors get: the head server at this node's address, which they can reach."""
@@ -229,6 +225,11 @@ class RayReplica:
 
     def last_lines(self) -> list[str]:
         return list(self.lines)
+
+    def kill(self) -> None:
+        """Kill its process; Ray restarts it (max_restarts) as after a crash, wait() sees to the rest."""
+        if self.actor is not None:
+            self.owner.ray.kill(self.actor, no_restart=False)
 
     async def stop(self, grace_s: float) -> None:
         actor, self.actor = self.actor, None

@@ -15,7 +15,11 @@ sent again only when the server cannot have acted on it, or when it is safe to r
   tools, /verify, /run) runs at most once per call; the collector's own retries
   (`+max_attempts`) decide about whole rollouts.
 A call by name goes to one replica of the server (serving/replicas.py: least in flight, a
-session stays on its replica). A replica that is gone (it refused the call, or reset it and
+session stays on its replica). Its timeout is the server's liveness, not a fixed time: a
+replica with calls in flight that has answered none for `stall_s` is probed on /health, and
+one that misses `liveness_failures` probes in a row is frozen: its calls are cut off at once
+(failure "frozen") and it is left for its restarted process, while a long call of a server
+whose /health answers runs to its end. A replica that is gone (it refused the call, or reset it and
 then refused or reset a probe: its process is dead or dying, and what it did died with it) is left for another
 one, or for its restarted process; a session that lived on it fails, naming why.
 """
@@ -23,6 +27,7 @@ one, or for its restarted process; a session that lived on it fails, naming why.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
     from nemo_gym_cli.serving.base import BaseServer
 
 MAX_FAILOVERS = 3  # a call by name moves on from a gone replica at most this often
+WATCH_INTERVAL_S = 1.0  # how often the liveness watchdog looks for replicas whose calls stall
 
 
 @dataclass(kw_only=True)
@@ -60,6 +66,9 @@ class HttpClientConfig:
     connector_limit_per_host: int
     max_response_bytes: int
     resolve_timeout_s: float
+    stall_s: float
+    liveness_timeout_s: float
+    liveness_failures: int
 
     @classmethod
     def of(cls, given: "HttpClientConfig | dict | None") -> "HttpClientConfig":
@@ -99,6 +108,7 @@ class ServerClient:
         # How long a call by name waits for a replica to come back (ng_run restarts with up to 8 s backoff).
         self.resolve_timeout_s = cfg.resolve_timeout_s
         self.resolver = Resolver(self.servers)
+        self._watchdog: asyncio.Task | None = None
         self.cookies = SessionCookies()  # what servers set per session (NeMo Gym's stateful environments)
 
     @property
@@ -109,6 +119,9 @@ class ServerClient:
         return self._session
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self.lean.close()
         if self._session is not None and not self._session.closed:
             await self._session.close()
@@ -206,11 +219,22 @@ class ServerClient:
                     reps.unpin(session_id)
                     raise ServerCallError(server, replica.url, f"replica {replica.index} of '{server}' is gone (crashed "
                                           f"or restarted) and session {session_id} was there", failure="gone")
+            task = asyncio.current_task()
+            if not replica.in_flight:
+                replica.answered_at = time.monotonic()  # the stall clock starts with its first call in flight
             replica.in_flight += 1
+            replica.calls.add(task)
+            if self._watchdog is None:
+                self._watchdog = asyncio.ensure_future(self._watch_liveness())
             try:
                 return await self.request_json("POST", replica.url + path, body, headers=headers, server=server,
                                                timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent,
                                                set_cookies=set_cookies)
+            except asyncio.CancelledError:
+                if replica.frozen is None or task not in replica.calls or task.uncancel() > 0:
+                    raise  # cancelled by its caller, not cut off by the watchdog
+                raise ServerCallError(server, replica.url, f"replica {replica.index} of '{server}' stopped answering "
+                                      f"/health ({replica.frozen}); the call was cut off", failure="frozen") from None
             except ServerCallError as e:
                 if e.failure not in ("refused", "reset") or failovers == MAX_FAILOVERS or not await self._is_gone(replica, e):
                     raise
@@ -223,6 +247,8 @@ class ServerClient:
                     reps.unpin(session_id)  # re-pinned on the next replica
             finally:
                 replica.in_flight -= 1
+                replica.calls.discard(task)
+                replica.answered_at = time.monotonic()
                 if set_cookies:
                     self.cookies.store(server, session_id, set_cookies)
                     set_cookies.clear()
@@ -231,6 +257,41 @@ class ServerClient:
     def forget_sessions(self, session_ids: list[str]) -> None:
         """Rollouts ended: drop the cookies their servers set."""
         self.cookies.forget(session_ids)
+
+    async def _watch_liveness(self) -> None:
+        """Probe replicas whose calls stall; cut off the calls of one that stopped answering."""
+        cfg = self.http_config
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            stalled = [r for reps in self.resolver.names.values() for r in reps.live
+                       if r.in_flight and now - r.answered_at > cfg.stall_s]
+            if not stalled:
+                continue
+            results = await asyncio.gather(*(self.health_problem(r.url, cfg.liveness_timeout_s) for r in stalled))
+            for replica, why in zip(stalled, results):
+                if why is None:
+                    replica.misses, replica.answered_at = 0, time.monotonic()  # alive, just slow: look again later
+                    continue
+                replica.misses += 1
+                if replica.misses >= cfg.liveness_failures and not replica.gone:
+                    replica.frozen = f"{replica.misses} probes in a row: {why}"
+                    self.resolver.mark_gone(replica)
+                    for task in list(replica.calls):
+                        task.cancel()
+
+    async def health_problem(self, url: str, timeout_s: float) -> str | None:
+        """Liveness of a server of the graph (also ng_run's supervisor's probe): None if `GET url/health`
+        answers within timeout_s, else why not. Any answer below 500 is alive: NeMo Gym's servers
+        have no /health (a 404), and liveness is about answering at all."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                status = await self.health_status(url + "/health", timeout_s)
+        except TimeoutError:
+            return f"no answer within {timeout_s:g} s"
+        except Exception as e:  # noqa: BLE001 - refused, reset, malformed: all "not answering"
+            return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return None if status < 500 else f"HTTP {status}"
 
     async def _is_gone(self, replica: Replica, error: ServerCallError) -> bool:
         """Refused: nothing listens there. Reset: gone only if a probe finds nothing serving too

@@ -30,7 +30,8 @@ class ServerCallError(Exception):
     """A call that failed after its last try; names the server, URL and cause.
 
     `failure` says how a connection failed: "refused", "not_sent", "reset", "timeout", "gone" (the replica
-    holding the call's session went away), "unavailable" (no replica came back in time) or
+    holding the call's session went away), "frozen" (the replica stopped answering /health),
+    "unavailable" (no replica came back in time) or
     "other"; None for an HTTP error status."""
 
     def __init__(self, server: str, url: str, message: str, status: int | None = None, error_type: str | None = None,

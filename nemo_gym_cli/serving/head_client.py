@@ -30,6 +30,9 @@ class HeadClient:
         return await self.client.request_json(method, self.url + path, body, server="head server", timeout_s=timeout_s,
                                               retries=retries)
 
+    async def health(self, timeout_s: float, retries: int | None = 0) -> dict:
+        return await self._call("GET", self.HEALTH, timeout_s=timeout_s, retries=retries)
+
     async def servers(self, timeout_s: float = 10, retries: int | None = None) -> list[dict]:
         return await self._call("GET", self.SERVERS, timeout_s=timeout_s, retries=retries)
 

@@ -22,12 +22,18 @@ SERVING = ("registered", "ready")
 
 
 class Replica:
-    __slots__ = ("name", "index", "url", "pid", "in_flight", "gone")
+    __slots__ = ("name", "index", "url", "pid", "in_flight", "gone", "calls", "answered_at", "misses", "frozen")
 
     def __init__(self, name: str, index: int, url: str, pid: int | None):
         self.name, self.index, self.url, self.pid = name, index, url, pid
         self.in_flight = 0
         self.gone = False
+        # Liveness (the server client's watchdog): the tasks calling it now, when a call of it last
+        # ended (or its /health last answered), /health probes missed in a row, why it is frozen.
+        self.calls: set[asyncio.Task] = set()
+        self.answered_at = time.monotonic()
+        self.misses = 0
+        self.frozen: str | None = None
 
     @property
     def key(self) -> tuple:

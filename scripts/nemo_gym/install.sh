@@ -58,6 +58,7 @@ say "creating $VENV with $("$PY" -V 2>&1) and installing $SPEC (1-2 min)"
 "$PY" -m venv "$VENV" || die "could not create a venv at $VENV"
 pip_q install -q -U pip || die "pip could not upgrade itself: no network to PyPI?"
 pip_q install -q "$SPEC" || die "pip could not install $SPEC (needs PyPI)"
-"$VENV/bin/python" -c "import nemo_gym, resources_servers.mcqa" || die "the venv at $VENV cannot import nemo_gym"
+# -P: the cwd is not on sys.path (run from our repo, our own resources_servers/ would shadow NeMo's)
+"$VENV/bin/python" -P -c "import nemo_gym, resources_servers.mcqa" || die "the venv at $VENV cannot import nemo_gym"
 echo "$SPEC" > "$MARKER"
 say "done in $(( $(date +%s) - t0 )) s: $(du -sh "$VENV" | cut -f1) in $VENV"
