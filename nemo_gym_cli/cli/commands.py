@@ -1,4 +1,4 @@
-"""Console scripts: ng_run, ng_collect_rollouts, ng_reverify, ng_status, ng_dump_config.
+"""Console scripts: ng_run, ng_collect_rollouts, ng_reverify, ng_status, ng_dump_config (ng_init_env: init_env.py).
 
 Arguments use Hydra's override grammar (`+key=value`, `++key=value`, `"+config_paths=[a,b]"`).
 A config problem is reported in full with exit code 2, never as a traceback.
