@@ -25,20 +25,21 @@ class ProgressPublisher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="publish progress")
 
-    async def stop(self, state: str) -> None:
-        """Stop publishing; post the final numbers with `state` (finished, interrupted)."""
+    async def stop(self, state: str, reason: str | None = None) -> None:
+        """Stop publishing; post the final numbers with `state` (finished, interrupted, or failed
+        with its `reason`)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._post(state)
+        await self._post(state, reason)
 
     async def _loop(self) -> None:
         while True:
             await self._post("running")
             await asyncio.sleep(self.interval_s)
 
-    async def _post(self, state: str) -> None:
-        body = {**self.base, **self.snapshot(), "state": state}
+    async def _post(self, state: str, reason: str | None = None) -> None:
+        body = {**self.base, **self.snapshot(), "state": state, "reason": reason}
         try:
             await self.client.request_json("POST", self.url, body, server="head server", timeout_s=PUBLISH_TIMEOUT_S, retries=0)
         except asyncio.CancelledError:

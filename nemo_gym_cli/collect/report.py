@@ -1,5 +1,6 @@
 """The end of a collection: `<stem>_metrics.json` and the summary table (totals, then one row
-per agent), plus the requests each model backend served during the run."""
+per agent), plus the requests each model backend served during the run and the ones it failed
+(malformed answers, errors, unavailable)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from nemo_gym_cli.serving.client import ServerClient
 
 
-async def backend_counts(client: ServerClient, urls: list[str]) -> dict[str, float]:
-    """Requests per model backend, from the adapters' /metrics (for the spread table)."""
-    counts: dict[str, float] = {}
+async def backend_counts(client: ServerClient, urls: list[str]) -> dict[str, dict[str, float]]:
+    """Requests per model backend and outcome (ok, malformed, ...), from the adapters' /metrics."""
+    counts: dict[str, dict[str, float]] = {}
     for url in urls:
         try:
             status, raw = await client.raw_request("GET", f"{url}/metrics", None, None, 5)
@@ -21,14 +22,16 @@ async def backend_counts(client: ServerClient, urls: list[str]) -> dict[str, flo
         except Exception:  # no spread table row for an adapter that cannot tell
             continue
         for sample in samples:
-            if sample.name == "ng_model_backend_requests_total" and sample.labels.get("outcome") == "ok":
-                backend = sample.labels.get("backend", "")
-                counts[backend] = counts.get(backend, 0.0) + sample.value
+            if sample.name == "ng_model_backend_requests_total":
+                outcomes = counts.setdefault(sample.labels.get("backend", ""), {})
+                outcome = sample.labels.get("outcome", "")
+                outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
     return counts
 
 
-def spread(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
-    return {b: int(after[b] - before.get(b, 0.0)) for b in sorted(after)}
+def spread(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, int]]:
+    """What each backend did during the run: requests by outcome."""
+    return {b: {o: int(n - before.get(b, {}).get(o, 0.0)) for o, n in after[b].items()} for b in sorted(after)}
 
 
 def summary(collector, per_backend: dict[str, int]) -> dict[str, Any]:
@@ -54,7 +57,9 @@ def summary(collector, per_backend: dict[str, int]) -> dict[str, Any]:
         "means": totals["means"],
         "token_exact_turns": totals["token_exact_turns"],
         "token_exact_fallbacks": totals["token_exact_fallbacks"],
-        "requests_per_backend": per_backend,
+        "requests_per_backend": {b: outcomes.get("ok", 0) for b, outcomes in per_backend.items()},
+        "errors_per_backend": {b: errors for b, outcomes in per_backend.items()
+                               if (errors := {o: n for o, n in outcomes.items() if o != "ok" and n})},
         "per_agent": stats.per_agent(),
     }
 
@@ -71,7 +76,11 @@ def report(collector, per_backend: dict[str, int]) -> dict:
     from rich.table import Table
 
     data = summary(collector, per_backend)
-    collector.metrics_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    try:
+        collector.metrics_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+        saved = f"metrics: {collector.metrics_path}"
+    except OSError as e:  # e.g. the disk filled at the very end: the rollouts are written, say so
+        saved = f"metrics: cannot write {collector.metrics_path}: {e.strerror or e} (the table above has them)"
     title = collector.agent or ", ".join(data["per_agent"]) or "no agent"
     table = Table(title=f"Rollouts: {title} -> {collector.output.name}", show_header=False)
     table.add_column("metric")
@@ -96,11 +105,13 @@ def report(collector, per_backend: dict[str, int]) -> dict:
                   + ("" if auto["signals"] else "; no vLLM gauges, held"))
     for name, agent in data["per_agent"].items():
         table.add_row(f"agent {name}", agent_line(agent))
-    total = sum(per_backend.values())
-    for backend, n in per_backend.items():
-        table.add_row(f"model requests {backend}", f"{n} ({100 * n / total:.0f}%)" if total else "0")
+    served = data["requests_per_backend"]
+    total = sum(served.values())
+    for backend, n in served.items():
+        errors = "".join(f", {count} {outcome}" for outcome, count in data["errors_per_backend"].get(backend, {}).items())
+        table.add_row(f"model requests {backend}", (f"{n} ({100 * n / total:.0f}%)" if total else "0") + errors)
     if collector.interrupted:
         table.add_row("interrupted", "yes: complete with +resume=true")
     collector.console.print(table)
-    collector.console.print(f"metrics: {collector.metrics_path}")
+    collector.console.print(saved, markup=False)
     return data

@@ -14,10 +14,11 @@ from typing import Iterator
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
-from nemo_gym_cli.collect.cli import Collector, SetupError
+from nemo_gym_cli.collect.collector import Collector, SetupError
 from nemo_gym_cli.collect.stats import Stats
 from nemo_gym_cli.config import AGENT_SERVERS
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
 
 HELP = """usage: ng_reverify +input_jsonl_fpath=ROLLOUTS.jsonl +output_jsonl_fpath=REVERIFIED.jsonl [+agent_name=NAME]
                    [+limit=N] [+concurrency=N] [+max_attempts=3] [+resume=true]

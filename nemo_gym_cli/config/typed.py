@@ -22,8 +22,9 @@ from nemo_gym_cli.config.paths import parse_url_list
 
 # Keys of an instance that the graph reads (or NeMo Gym configs carry), not the server itself.
 GRAPH_KEYS = frozenset({
-    "entrypoint", "host", "port", "replicas", "restart", "ray_actor_options",
-    "datasets", "domain", "description", "verified", "verified_url", "license", "value",
+    "entrypoint", "host", "port", "replicas", "restart", "ray_actor_options", "runtime",
+    # NeMo Gym's own instance keys (its configs carry them; our kinds accept and ignore them)
+    "datasets", "domain", "description", "verified", "verified_url", "license", "value", "num_workers", "name",
 })
 
 

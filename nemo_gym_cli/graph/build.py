@@ -10,11 +10,14 @@ from aiohttp import web
 
 from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.config import ServerSpec
+from nemo_gym_cli.config.specs import OURS
 from nemo_gym_cli.config.typed import config_problems as typed_config_problems
 from nemo_gym_cli.serving.base import BaseServer
 
 # `python -m nemo_gym_cli.graph.child CONFIG_JSON --colocated`: every server in that one process.
 COLOCATED_ARG = "--colocated"
+# ... CONFIG_JSON `-`: the config comes on stdin (ng_run never writes it, with its secrets, to disk).
+STDIN_ARG = "-"
 
 
 def load_server_class(spec: ServerSpec) -> type[BaseServer]:
@@ -38,9 +41,12 @@ def load_server_class(spec: ServerSpec) -> type[BaseServer]:
 
 
 def config_problems(specs: dict[str, ServerSpec], sources: dict[str, str]) -> list[str]:
-    """Every instance's fields checked against its server kind's config dataclass, all at once."""
+    """Every instance's fields checked against its server kind's config dataclass, all at once.
+    (NeMo Gym's servers check their own, with pydantic, in their own Python.)"""
     problems = []
     for spec in specs.values():
+        if spec.runtime != OURS:
+            continue
         where = sources.get(spec.name, "config")
         try:
             cls = load_server_class(spec)
@@ -74,12 +80,15 @@ class RunningServer:
         await self.server.on_shutdown()
 
 
+LISTEN_BACKLOG = 4096  # pending connections per listening socket (a burst of rollouts connects at once)
+
+
 async def serve(server: BaseServer, host: str, port: int) -> RunningServer:
     """Start the server's hooks and bind its port (0 = any free port); returns its URL."""
     await server.on_startup()
     runner = web.AppRunner(server.make_app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
     await site.start()
     bound = runner.addresses[0][1]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host

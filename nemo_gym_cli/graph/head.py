@@ -5,17 +5,26 @@ node}` here (no bind-then-close port race); clients resolve names through `GET /
 one entry per replica. A replica that exits loses its url until it registers again; a
 restart (counted in `restarts`) keeps its entry. `GET /config` shows the resolved config
 with secrets masked. It is one of our servers: same routing, JSON errors and /metrics.
+
+It also answers NeMo Gym's head routes, so NeMo Gym's own ng_collect_rollouts runs against our
+graph: `GET /global_config_dict_yaml` (the masked config as a YAML string, each server's host and
+port from its registration) and `GET /server_instances`.
 """
 
 from __future__ import annotations
 
+import copy
 import socket
 import time
 from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
 
 from nemo_gym_cli.config import ServerSpec, mask_secrets
+from nemo_gym_cli.config.specs import NEMO_GYM
 from nemo_gym_cli.graph.build import RunningServer, serve
-from nemo_gym_cli.graph.collections import CollectionsBoard
+from nemo_gym_cli.graph.progress_board import CollectionsBoard
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
@@ -26,15 +35,24 @@ class HeadServer(BaseServer):
     def __init__(self, config: dict, specs: dict[str, ServerSpec]):
         super().__init__("head server", {}, global_config=config)
         self.masked_config = mask_secrets(config)
+        self.specs = specs
         self.started_at = time.time()
+        # probe_path: what answers when it serves (NeMo Gym's servers have no /health, only GET /).
         self.servers: dict[tuple[str, int], dict] = {
             (name, r): {"name": name, "server_type": s.server_type, "impl": s.impl, "replica": r, "url": None,
-                        "pid": None, "node": None, "state": "starting", "restarts": 0}
+                        "pid": None, "node": None, "state": "starting", "restarts": 0, "runtime": s.runtime,
+                        "probe_path": "/" if s.runtime == NEMO_GYM else "/health"}
             for name, s in specs.items() for r in range(s.replicas)
         }
         self.running: RunningServer | None = None
         self.collections = CollectionsBoard()  # progress of running ng_collect_rollouts
         self.url = ""
+
+    @property
+    def host_and_port(self) -> tuple[str, int]:
+        """Where it listens, from its URL (the port it got when the configured one was 0)."""
+        host, port = self.url.split("//", 1)[1].rsplit(":", 1)
+        return host, int(port)
 
     async def start(self, host: str, port: int) -> str:
         self.running = await serve(self, host, port)
@@ -44,9 +62,6 @@ class HeadServer(BaseServer):
     async def stop(self) -> None:
         if self.running is not None:
             await self.running.stop()
-
-    def entry(self, name: str, replica: int = 0) -> dict:
-        return self.servers[(name, replica)]
 
     def register(self, name: str, url: str, pid: int, replica: int = 0, node: str | None = None) -> dict:
         entry = self.servers.get((name, replica))
@@ -106,3 +121,38 @@ class HeadServer(BaseServer):
     @route("/collections", "GET")
     async def list_collections(self, body: Any, ctx: RequestContext) -> Any:
         return self.collections.list()
+
+    # ------------------------------------------------------------ NeMo Gym's head routes
+    def _first_live(self, name: str) -> dict | None:
+        return next((e for (n, _), e in self.servers.items() if n == name and e["url"]), None)
+
+    @route("/global_config_dict_yaml", "GET")
+    async def global_config_dict_yaml(self, body: Any, ctx: RequestContext) -> Any:
+        """The masked config as YAML (a JSON string, as NeMo Gym's head answers), with every serving
+        server's host and port (its first live replica) and this head server's address."""
+        config = copy.deepcopy(self.masked_config)
+        for name, spec in self.specs.items():
+            entry = self._first_live(name)
+            if entry is None or name not in config:
+                continue
+            url = urlsplit(entry["url"])
+            fields = config[name][spec.server_type][spec.impl]
+            fields["host"], fields["port"] = url.hostname, url.port
+        url = urlsplit(self.url)
+        config["head_server"] = {**(config.get("head_server") or {}), "host": url.hostname, "port": url.port}
+        return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+    @route("/server_instances", "GET")
+    async def server_instances(self, body: Any, ctx: RequestContext) -> Any:
+        """NeMo Gym's view of the servers: one entry per replica."""
+        out = []
+        for (name, _), e in self.servers.items():
+            spec = self.specs[name]
+            url = urlsplit(e["url"]) if e["url"] else None
+            out.append({"process_name": name, "config_path": name, "server_type": e["server_type"], "name": e["impl"],
+                        "dir_path": str(spec.folder) if spec.folder else None,
+                        "entrypoint": spec.config.get("entrypoint"), "host": url.hostname if url else None,
+                        "port": url.port if url else None, "url": e["url"], "pid": e["pid"], "start_time": self.started_at,
+                        "status": "success" if e["state"] in SERVING else "connection_error",
+                        "uptime_seconds": time.time() - self.started_at, "replica": e["replica"], "runtime": e["runtime"]})
+        return out

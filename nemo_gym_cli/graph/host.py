@@ -14,7 +14,8 @@ from typing import Callable
 from nemo_gym_cli.config import head_url, server_specs
 from nemo_gym_cli.graph.build import RunningServer, bind_address, build_server, serve
 from nemo_gym_cli.serving.base import BaseServer
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
 
 
 async def host_servers(config: dict, names: list[str], replica: int, stop: asyncio.Event, *,

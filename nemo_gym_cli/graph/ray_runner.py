@@ -19,6 +19,7 @@ import os
 from typing import Any, Callable
 
 from nemo_gym_cli.config import ServerSpec
+from nemo_gym_cli.graph.processes import LAST_LINES
 
 PLACEMENTS = ("spread", "pack")
 DEFAULT_ACTOR_OPTIONS = {"max_restarts": 3, "max_concurrency": 4}  # ready/wait/stop calls may overlap
@@ -83,7 +84,9 @@ async def expose(head: Any, host: str, port: int) -> None:
     """Serve the head server on `host` too (it keeps its loopback address for ng_status and the collector)."""
     from aiohttp import web
 
-    await web.TCPSite(head.running.runner, host, port, backlog=4096).start()
+    from nemo_gym_cli.graph.build import LISTEN_BACKLOG
+
+    await web.TCPSite(head.running.runner, host, port, backlog=LISTEN_BACKLOG).start()
 
 
 async def _result(ref: Any, timeout_s: float | None = None) -> Any:
@@ -94,30 +97,25 @@ async def _result(ref: Any, timeout_s: float | None = None) -> Any:
 class RayReplicas:
     """Makes one ReplicaRunner (supervisor.py) per replica; owns the instances' placement groups.
 
-    Used as ng_run's runner factory: `factory(config_file, spec, replica)` (the config file is
-    for local children; actors get the config as an argument, since other nodes do not share
-    this node's files). `head` is ng_run's HeadServer, already started.
+    Used as ng_run's runner factory: `factory(spec, replica)` (actors get the config as an
+    argument). `head` is ng_run's HeadServer, already started.
     """
 
     def __init__(self, ray: Any, config: dict, head: Any, say: Callable[[str], None]):
         from nemo_gym_cli.graph.ray_replica import ReplicaActor
 
         self.ray, self.config, self.head, self.say = ray, config, head, say
-        self.ready_timeout_s = float(config.get("ready_timeout_s", 60))
+        self.ready_timeout_s = float(config["ready_timeout_s"])
         self.actor_class = ray.remote(ReplicaActor)
         self.groups: dict[str, Any] = {}
         self._actor_config: dict | None = None
         self._exposing = asyncio.Lock()
 
-    def factory(self, config_file: Any, spec: ServerSpec, replica: int) -> "RayReplica":
-        return self.runner(spec, replica)
-
     async def actor_config(self) -> dict:
         """The config actors get: the head server at this node's address, which they can reach."""
         async with self._exposing:
             if self._actor_config is None:
-                ip, port = driver_ip(self.ray), int(self.head.url.rsplit(":", 1)[1])
-                bound = self.head.url.split("//", 1)[1].rsplit(":", 1)[0]
+                ip, (bound, port) = driver_ip(self.ray), self.head.host_and_port
                 if ip != bound:
                     await expose(self.head, ip, port)
                 self._actor_config = {**self.config, "head_server": {**(self.config.get("head_server") or {}),
@@ -169,12 +167,12 @@ class RayReplica:
 
     def __init__(self, owner: RayReplicas, spec: ServerSpec, replica: int, options: dict):
         self.owner, self.spec, self.replica, self.options = owner, spec, replica, options
-        self.label = spec.name if spec.replicas == 1 else f"{spec.name}#{replica}"
+        self.label = spec.label(replica)
         self.members = [(spec.name, replica)]
         self.actor: Any = None
         self.pid: int | None = None
         self._failed = False
-        self.lines: collections.deque[str] = collections.deque(maxlen=40)
+        self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
 
     async def start(self) -> None:
         self._failed, self.pid = False, None
@@ -227,6 +225,11 @@ class RayReplica:
 
     def last_lines(self) -> list[str]:
         return list(self.lines)
+
+    def kill(self) -> None:
+        """Kill its process; Ray restarts it (max_restarts) as after a crash, wait() sees to the rest."""
+        if self.actor is not None:
+            self.owner.ray.kill(self.actor, no_restart=False)
 
     async def stop(self, grace_s: float) -> None:
         actor, self.actor = self.actor, None

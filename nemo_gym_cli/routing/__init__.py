@@ -2,11 +2,11 @@
 
 from .backend import Backend
 from .policies import POLICIES, Policy, make_policy
-from .router import (UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, BackendUnavailable, NoHealthyBackend,
+from .router import (UNAVAILABLE_STATUSES, BackendUnavailable, MalformedAnswer, NoHealthyBackend,
                      Router, RoutingSettings)
 from .sessions import SessionTable
 
 __all__ = [
-    "POLICIES", "UNAVAILABLE_EXCEPTIONS", "UNAVAILABLE_STATUSES", "Backend", "BackendUnavailable",
-    "NoHealthyBackend", "Policy", "Router", "RoutingSettings", "SessionTable", "make_policy",
+    "POLICIES", "UNAVAILABLE_STATUSES", "Backend", "BackendUnavailable",
+    "MalformedAnswer", "NoHealthyBackend", "Policy", "Router", "RoutingSettings", "SessionTable", "make_policy",
 ]

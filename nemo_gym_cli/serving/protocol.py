@@ -46,6 +46,24 @@ def content_text(content: Any) -> str:
     return ""
 
 
+def last_message_text(items: Any, role: str) -> str:
+    """The text of the last message with `role` (and any text) among Responses API input or
+    output items ("" if none); a plain string input is the user's message."""
+    if isinstance(items, str):
+        return items if role == "user" else ""
+    for item in reversed(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get("type", "message") == "message" and item.get("role", "assistant") == role:
+            text = content_text(item.get("content"))
+            if text:
+                return text
+    return ""
+
+
+def last_assistant_text(output: Any) -> str:
+    """The model's answer: the text of the last assistant message of a Responses API `output`."""
+    return last_message_text(output, "assistant")
+
+
 def new_session_id() -> str:
     return uuid.uuid4().hex
 

@@ -13,17 +13,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_gym_cli.serving import HTTPError, RequestContext, route
-from nemo_gym_cli.routing.model_server import UpstreamModel, check_chat_completion
-from nemo_gym_cli.routing.pause import PAUSE_MODES, forward, wait_until_serving
-from nemo_gym_cli.routing.upstream import UpstreamConfig
+from nemo_gym_cli.serving import HTTPError, RequestContext, UpstreamConfig, UpstreamModel, check_chat_completion, route
+from nemo_gym_cli.model_adapter.pause import PAUSE_MODES, forward, wait_until_serving
 from responses_api_models.vllm_model.conversion import (
     chat_to_response,
     incomplete_response,
     is_context_length_error,
     responses_to_chat,
 )
-from responses_api_models.vllm_model.token_exact import ABORTED, RENDER, token_exact_turn
+from responses_api_models.vllm_model.token_exact import ABORTED, token_exact_turn
 
 
 @dataclass(kw_only=True)

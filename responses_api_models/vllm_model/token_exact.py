@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemo_gym_cli.routing.model_server import check_chat_completion
-from nemo_gym_cli.routing.pause import wait_until_serving
+from nemo_gym_cli.model_adapter.pause import wait_until_serving
+from nemo_gym_cli.model_adapter.server import check_chat_completion
 from nemo_gym_cli.serving.protocol import RequestContext
 from responses_api_models.vllm_model.conversion import TOKEN_FIELDS
 

@@ -42,9 +42,9 @@ def graph(tmp_path):
     started: list[Graph] = []
 
     def start(config_paths: list[str], env: dict | None = None, args: list[str] = (), colocate: bool = False,
-              wait: bool = True, timeout: float = 60) -> Graph:
+              wait: bool = True, timeout: float = 60, head_port: int | None = None) -> Graph:
         colocate = colocate or os.environ.get("NG_TEST_COLOCATE") == "1"
-        g = Graph(tmp_path, list(config_paths), env, list(args), colocate, wait=False)
+        g = Graph(tmp_path, list(config_paths), env, list(args), colocate, wait=False, head_port=head_port)
         started.append(g)  # stopped at teardown even when it never gets ready
         if wait:
             g.wait_ready(timeout)

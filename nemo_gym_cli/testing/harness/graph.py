@@ -31,10 +31,11 @@ class Graph:
     """`ng_run +config_paths=[...]` started in `cwd` (env.yaml written there, like a user would)."""
 
     def __init__(self, cwd: Path, config_paths: Iterable[str], env_yaml: dict | None = None, args: Iterable[str] = (),
-                 colocate: bool = False, wait: bool = True, timeout: float = 60):
+                 colocate: bool = False, wait: bool = True, timeout: float = 60, head_port: int | None = None):
+        """head_port: the head server's port (default: a free one), e.g. to restart a killed graph where it was."""
         self.cwd = Path(cwd)
         self.cwd.mkdir(parents=True, exist_ok=True)
-        self.head_port = free_port()
+        self.head_port = head_port or free_port()
         self.head = f"http://127.0.0.1:{self.head_port}"
         if env_yaml is not None:
             (self.cwd / "env.yaml").write_text(yaml.safe_dump(env_yaml))

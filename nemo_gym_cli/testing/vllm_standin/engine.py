@@ -37,6 +37,10 @@ class StandinConfig:
     scale_out: bool = True  # render/generate/derender (vLLM's --enable-scale-out); pause API always on
 
 
+def _matches(match: str | list[str], text: str) -> bool:
+    return match in text if isinstance(match, str) else all(m in text for m in match)
+
+
 class StandinError(Exception):
     """An answer vLLM gives as an HTTP error (context too long, a scripted status)."""
 
@@ -112,7 +116,7 @@ class Standin:
         if not self.config.script:
             return None
         text = "\n".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
-        return next((rule for rule in self.config.script if rule["match"] in text), None)
+        return next((rule for rule in self.config.script if _matches(rule["match"], text)), None)
 
     async def schedule(self, prompt_ids: list[int], output_tokens: int) -> tuple[int, int]:
         """Wait for a free sequence slot (vLLM's max_num_seqs), 'run'; (cached tokens, tokens

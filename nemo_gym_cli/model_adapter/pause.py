@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from nemo_gym_cli.routing.backend import Backend
-from nemo_gym_cli.serving.client import backoff_delay
+from nemo_gym_cli.serving.errors import backoff_delay
 from nemo_gym_cli.serving.protocol import HTTPError
 
 PAUSE_MODES = ("abort", "wait", "keep")  # vLLM's PauseMode

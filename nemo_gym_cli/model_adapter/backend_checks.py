@@ -20,9 +20,8 @@ from typing import Any
 import orjson
 
 from nemo_gym_cli.routing.backend import Backend
-from nemo_gym_cli.routing.vllm_metrics import scrape
+from nemo_gym_cli.model_adapter.vllm_gauges import scrape
 
-PREFLIGHT_TIMEOUT_S = 5.0
 SCALE_OUT_ROUTES = ("/v1/chat/completions/render", "/inference/v1/generate")  # paths under the root URL
 
 
@@ -91,8 +90,7 @@ async def check_backend(client, backend: Backend, model: str, headers: dict, *, 
     return entry
 
 
-async def preflight(upstream, model: str, *, vllm: bool, timeout_s: float = PREFLIGHT_TIMEOUT_S,
-                    token_exact: bool = False) -> dict[str, Any]:
+async def preflight(upstream, model: str, *, vllm: bool, timeout_s: float, token_exact: bool = False) -> dict[str, Any]:
     """Check every backend of `upstream`; returns {backends, errors, warnings}. Unreachable
     backends (when others answer) are marked down in the router, so no session lands there."""
     router, client = upstream.router, upstream.server.client

@@ -17,7 +17,8 @@ from nemo_gym_cli.testing.vllm_standin.engine import StandinConfig
 
 
 def load_script(path: str) -> list[dict]:
-    """Rules from a JSON list (or one object) or JSONL: {"match", "content"} or {"match", "status"}."""
+    """Rules from a JSON list (or one object) or JSONL: {"match", "content"} or {"match", "status"};
+    "match" is a substring of the prompt, or a list of substrings that must all be in it."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -26,8 +27,9 @@ def load_script(path: str) -> list[dict]:
         data = [json.loads(line) for line in text.splitlines() if line.strip()]
     rules = data if isinstance(data, list) else [data]
     for rule in rules:
-        if not isinstance(rule, dict) or not isinstance(rule.get("match"), str):
-            raise ValueError(f"{path}: every rule needs a string 'match': {rule!r}")
+        match = rule.get("match") if isinstance(rule, dict) else None
+        if not (isinstance(match, str) or (isinstance(match, list) and match and all(isinstance(m, str) for m in match))):
+            raise ValueError(f"{path}: every rule needs a 'match': a string or a list of strings: {rule!r}")
         if not {"content", "status", "tool_call", "reasoning"} & rule.keys():
             raise ValueError(f"{path}: rule needs 'content', 'status', 'tool_call' or 'reasoning': {rule!r}")
         rule.setdefault("content", "")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from nemo_gym_cli.routing.pause import is_paused
-from nemo_gym_cli.routing.vllm_metrics import EMPTY, scrape
+from nemo_gym_cli.model_adapter.pause import is_paused
+from nemo_gym_cli.model_adapter.vllm_gauges import EMPTY, scrape
 
 VIEW_SCRAPE_TIMEOUT_S = 1.0
 
