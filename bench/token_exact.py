@@ -15,17 +15,14 @@ pairs were token-exact. Every rollout has its own nonce: no mode gets cache hits
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
-from nemo_gym_cli.testing.harness import WEATHER, WEATHER_AGENT as AGENT, Graph, ensure_installed, run_cli, start_real_vllms
+from nemo_gym_cli.testing.harness import WEATHER, ensure_installed, start_real_vllms
 
-from bench.real_vllm import MAX_TOKENS, TOOL, prompt
+from bench.real_vllm import graph
 
 TRAINING = "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml"
 MODES = {"text": "false", "exact": "true"}
@@ -43,33 +40,10 @@ def exact_pairs(rows: list[dict]) -> tuple[int, int]:
 
 
 def run(mode: str, base_url: str, n: int, concurrency: int, turns: int, workdir: Path) -> dict:
-    cwd = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{mode}_"))
-    env = {"policy_base_url": base_url + "/v1", "policy_api_key": "EMPTY", "policy_model_name": "tiny"}
-    nonce = uuid.uuid4().hex[:12]
-    with open(cwd / "in.jsonl", "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"responses_create_params": {"input": prompt(nonce, i), "tools": [TOOL],
-                                                            "tool_choice": "required"}}) + "\n")
-    g = Graph(cwd, [TRAINING, WEATHER], env, [f"++{AGENT}.responses_api_agents.simple_agent.max_steps={turns}",
-                                              f"++policy_model.responses_api_models.vllm_model.token_exact={MODES[mode]}"],
-              False, timeout=120)
-    try:
-        t0 = time.monotonic()
-        done = run_cli("ng_collect_rollouts", [f"+agent_name={AGENT}", f"+head_server.port={g.head_port}",
-                                               "+progress=false", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl",
-                                               f"+concurrency={concurrency}",
-                                               f"+responses_create_params={{temperature:0.0,max_output_tokens:{MAX_TOKENS}}}"],
-                       cwd, timeout=1800)
-        wall = time.monotonic() - t0
-        if done.returncode != 0:
-            raise RuntimeError(f"ng_collect_rollouts exited {done.returncode}: {done.stderr[-2000:]}")
-        m = json.loads((cwd / "out_metrics.json").read_text())
-        rows = [json.loads(line) for line in (cwd / "out.jsonl").read_text().splitlines()]
-        exact, pairs = exact_pairs(rows)
-        return {"rollouts": m["rollouts"], "elapsed_s": m["elapsed_s"], "p50_s": m["latency_p50_s"], "cli_wall_s": wall,
-                "failures": m["failures"], "exact_pairs": exact, "pairs": pairs}
-    finally:
-        g.stop()
+    r = graph([base_url], n, concurrency, False, workdir, config_paths=(TRAINING, WEATHER), turns=turns, prefix=f"{mode}_",
+              args=(f"++policy_model.responses_api_models.vllm_model.token_exact={MODES[mode]}",))
+    r["exact_pairs"], r["pairs"] = exact_pairs(r.pop("rows"))
+    return r
 
 
 def main() -> int:
