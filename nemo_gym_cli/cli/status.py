@@ -101,7 +101,12 @@ def backends_table(snap: Snapshot) -> Table:
             continue
         for b in view.get("backends", []):
             g = b.get("vllm") or {}
-            state = Text("up", style="green") if b.get("healthy") else Text(f"down ({b.get('down_reason')})", style="red")
+            if not b.get("healthy"):
+                state = Text(f"down ({b.get('down_reason')})", style="red")
+            elif b.get("paused"):  # a weight sync: it answers /health, its requests wait or come back aborted
+                state = Text("paused", style="yellow")
+            else:
+                state = Text("up", style="green")
             requests = b.get("requests") or {}
             table.add_row(Text(name), Text(b["url"]), state, str(b.get("in_flight", DASH)), str(b.get("sessions", DASH)),
                           str(sum(requests.values())), str(b.get("failovers", DASH)),

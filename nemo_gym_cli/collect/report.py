@@ -55,6 +55,8 @@ def summary(collector, per_backend: dict[str, int]) -> dict[str, Any]:
         "concurrency": collector.limit.value if collector.auto is None else collector.auto.settled(),
         **({"concurrency_auto": collector.auto.report()} if collector.auto is not None else {}),
         "means": totals["means"],
+        "token_exact_turns": totals["token_exact_turns"],
+        "token_exact_fallbacks": totals["token_exact_fallbacks"],
         "requests_per_backend": {b: outcomes.get("ok", 0) for b, outcomes in per_backend.items()},
         "errors_per_backend": {b: errors for b, outcomes in per_backend.items()
                                if (errors := {o: n for o, n in outcomes.items() if o != "ok" and n})},
@@ -110,6 +112,10 @@ def summary_table(data: dict, agent: str | None, output_name: str, failures_name
         table.add_row("already done (resume)", str(data["skipped_already_done"]))
     for key, value in data["means"].items():
         table.add_row(f"mean {key}", f"{value:.4f}")
+    if data["token_exact_turns"] or data["token_exact_fallbacks"]:
+        fallbacks = data["token_exact_fallbacks"]
+        table.add_row("token-exact turns", f"{data['token_exact_turns']}" + (
+            f"; {fallbacks} rendered afresh (token_exact: false, see token_exact_reason)" if fallbacks else ""))
     table.add_row("rollouts/s", f"{data['rollouts_per_s']}")
     table.add_row("latency p50 / p95 (s)", f"{data['latency_p50_s']} / {data['latency_p95_s']}")
     auto = data.get("concurrency_auto")

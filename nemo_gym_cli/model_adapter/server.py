@@ -69,7 +69,8 @@ class UpstreamModel(ResponsesAPIModel):
     @route("/preflight")
     async def preflight(self, body: Any, ctx: RequestContext) -> Any:
         return await check_backends(self.upstream, self.model, vllm=self.vllm_backends,
-                                    timeout_s=self.config.preflight_timeout_s)
+                                    timeout_s=self.config.preflight_timeout_s,
+                                    token_exact=getattr(self.config, "token_exact", False))
 
     @route("/backends", "GET")
     async def backends(self, body: Any, ctx: RequestContext) -> Any:

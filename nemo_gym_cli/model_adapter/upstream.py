@@ -124,12 +124,16 @@ class Upstream:
                    check: Check | None = None) -> Any:
         """post() for a request handler: the session and group of the request, errors as HTTPError
         (the upstream's status and message; 503 when no backend could take it)."""
+        return (await self.exchange(ctx, path, payload, at_root=at_root, check=check))[0]
+
+    async def exchange(self, ctx: RequestContext, path: str, payload: Any, *, at_root: bool = False,
+                       check: Check | None = None) -> tuple[Any, Backend]:
+        """call(), and the backend that answered (to wait on it when it was paused)."""
         group = ctx.headers.get(GROUP_HEADER) if ctx.headers else None
         name = self.server.name
         try:
-            data, _ = await self.post(path, payload, session_id=ctx.session_id, group_key=group, at_root=at_root,
-                                      check=check)
-            return data
+            return await self.post(path, payload, session_id=ctx.session_id, group_key=group, at_root=at_root,
+                                   check=check)
         except BackendUnavailable as e:
             raise HTTPError(503, f"{name}: no upstream server could take the request: {e}", "upstream_unavailable") from None
         except MalformedAnswer as e:

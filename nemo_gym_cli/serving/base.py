@@ -115,7 +115,7 @@ class BaseServer:
                     body = orjson.loads(raw) if raw else {}
                 except orjson.JSONDecodeError as e:
                     raise HTTPError(400, f"request body is not valid JSON: {e}") from None
-                result = await handler(body, RequestContext(session_id, request.headers))
+                result = await handler(body, RequestContext(session_id, request.headers, request.query))
                 response = web.Response(body=orjson.dumps(result), content_type=JSON)
             except HTTPError as e:
                 response = web.Response(status=e.status, body=orjson.dumps(e.body()), content_type=JSON)

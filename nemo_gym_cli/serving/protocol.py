@@ -25,11 +25,12 @@ class HTTPError(Exception):
 
 
 class RequestContext:
-    __slots__ = ("session_id", "headers")
+    __slots__ = ("session_id", "headers", "query")
 
-    def __init__(self, session_id: str | None, headers: Any = None):
+    def __init__(self, session_id: str | None, headers: Any = None, query: Any = None):
         self.session_id = session_id
         self.headers = headers or {}
+        self.query = query or {}  # the URL's query parameters (e.g. /pause?mode=keep)
 
 
 def content_text(content: Any) -> str:

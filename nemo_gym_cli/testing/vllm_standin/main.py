@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
     p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
                    help="report prefix caching as off in vllm:cache_config_info (as vLLM's flag does)")
+    p.add_argument("--no-enable-scale-out", dest="scale_out", action="store_false",
+                   help="no render/generate/derender routes (vLLM without --enable-scale-out)")
     return p
 
 
@@ -71,6 +73,7 @@ def config_from_args(argv: list[str] | None = None) -> StandinConfig:
         port_file=args.port_file,
         access_log=args.access_log,
         prefix_caching=args.prefix_caching,
+        scale_out=args.scale_out,
     )
 
 
