@@ -86,7 +86,8 @@ def main() -> int:
         direct_per_backend = args.requests * args.repeats // 3
         spread = [a - b - direct_per_backend for a, b in zip(after, before)]
 
-        table = Table(title=f"vllm_model adapter vs direct: {args.requests} requests x {args.repeats}, concurrency {args.concurrency}, 3 stand-ins")
+        table = Table(title=f"vllm_model adapter vs direct: {args.requests} requests x {args.repeats}, "
+                            f"concurrency {args.concurrency}, 3 stand-ins")
         for col in ("path", "req/s (each round)", "median req/s", "ratio to direct", "p50 ms", "p95 ms"):
             table.add_column(col, justify="right" if col != "path" else "left")
         direct_rps = statistics.median(args.requests / wall for wall, _ in results["direct (chat to stand-ins)"])

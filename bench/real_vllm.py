@@ -92,29 +92,34 @@ async def direct(base_urls: list[str], n: int, concurrency: int) -> dict:
 # --- full graph --------------------------------------------------------------------------------
 
 
-def graph(base_urls: list[str], n: int, concurrency: int, colocate: bool, workdir: Path) -> dict:
-    cwd = Path(tempfile.mkdtemp(dir=workdir, prefix="colocated_" if colocate else "graph_"))
+def graph(base_urls: list[str], n: int, concurrency: int, colocate: bool, workdir: Path, *,
+          config_paths: tuple[str, ...] = (VLLM_MODEL, WEATHER), args: tuple[str, ...] = (), turns: int = 2,
+          prefix: str | None = None) -> dict:
+    """ng_run (`config_paths`, `args`) + ng_collect_rollouts over n weather rollouts of `turns` forced
+    tool turns; the collector's numbers, and its rows under "rows"."""
+    cwd = Path(tempfile.mkdtemp(dir=workdir, prefix=prefix or ("colocated_" if colocate else "graph_")))
     env = {"policy_base_url": ",".join(u + "/v1" for u in base_urls), "policy_api_key": "EMPTY", "policy_model_name": "tiny"}
     nonce = uuid.uuid4().hex[:12]
     with open(cwd / "in.jsonl", "w") as f:
         for i in range(n):
             f.write(json.dumps({"responses_create_params": {"input": prompt(nonce, i), "tools": [TOOL],
                                                             "tool_choice": "required"}}) + "\n")
-    g = Graph(cwd, [VLLM_MODEL, WEATHER], env, [f"++{AGENT}.responses_api_agents.simple_agent.max_steps=2"], colocate,
-              timeout=120)
+    g = Graph(cwd, list(config_paths), env, [f"++{AGENT}.responses_api_agents.simple_agent.max_steps={turns}", *args],
+              colocate, timeout=120)
     try:
         t0 = time.monotonic()
         done = run_cli("ng_collect_rollouts", [f"+agent_name={AGENT}", f"+head_server.port={g.head_port}",
                                                "+progress=false", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl",
                                                f"+concurrency={concurrency}",
                                                f"+responses_create_params={{temperature:0.0,max_output_tokens:{MAX_TOKENS}}}"],
-                       cwd, timeout=900)
+                       cwd, timeout=1800)
         wall = time.monotonic() - t0
         if done.returncode != 0:
             raise RuntimeError(f"ng_collect_rollouts exited {done.returncode}: {done.stderr[-2000:]}")
         m = json.loads((cwd / "out_metrics.json").read_text())
+        rows = [json.loads(line) for line in (cwd / "out.jsonl").read_text().splitlines()]
         return {"rollouts": m["rollouts"], "elapsed_s": m["elapsed_s"], "p50_s": m["latency_p50_s"],
-                "cli_wall_s": wall, "failures": m["failures"], "spread": m["requests_per_backend"]}
+                "cli_wall_s": wall, "failures": m["failures"], "spread": m["requests_per_backend"], "rows": rows}
     finally:
         g.stop()
 
@@ -145,6 +150,7 @@ def main() -> int:
                 r = asyncio.run(direct(urls, args.rollouts, args.concurrency))
             else:
                 r = graph(urls, args.rollouts, args.concurrency, mode == "colocated", workdir)
+            r.pop("rows", None)
             results.append((mode, r))
             print(f"{mode}: {r}", file=sys.stderr)
     finally:
@@ -158,7 +164,8 @@ def main() -> int:
     for mode, r in results:
         rate = r["rollouts"] / r["elapsed_s"]
         rel = f"{rate / base:.2f}x" if base else "-"  # vs the mean of the direct runs
-        notes = "" if mode == "direct" else f"CLI wall {r['cli_wall_s']:.1f} s, failures {r['failures']}, turns/server {list(r['spread'].values())}"
+        notes = "" if mode == "direct" else (f"CLI wall {r['cli_wall_s']:.1f} s, failures {r['failures']}, "
+                                             f"turns/server {list(r['spread'].values())}")
         print(f"{mode:<10} {r['rollouts']:>8} {r['elapsed_s']:>7.1f} {rate:>10.2f} {rel:>9} {r['p50_s']:>6.2f}  {notes}")
     return 0
 

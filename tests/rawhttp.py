@@ -55,7 +55,10 @@ class RawServer:
                     out = outer.answer(method, path, headers, body)
                     if out is None:
                         return  # close without answering
-                    sock.sendall(out)
+                    try:
+                        sock.sendall(out)
+                    except (BrokenPipeError, ConnectionResetError):
+                        return  # the client stopped reading (e.g. it refused an answer over its cap)
                     if b"connection: close" in out[:out.find(b"\r\n\r\n")].lower():
                         return
 

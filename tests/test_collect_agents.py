@@ -75,8 +75,9 @@ def test_per_agent_repeats_metrics_and_pass_at_k(two_agents, tmp_path):
 
 
 def test_agent_name_is_the_default_for_rows_without_agent_ref(two_agents, tmp_path):
-    (tmp_path / "in.jsonl").write_text(json.dumps({"responses_create_params": {"input": "a"}}) + "\n"
-                                       + json.dumps({"responses_create_params": {"input": "b"}, "agent_ref": ref("flaky_agent_half")}) + "\n")
+    rows = [{"responses_create_params": {"input": "a"}},
+            {"responses_create_params": {"input": "b"}, "agent_ref": ref("flaky_agent_half")}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = run_cli("ng_collect_rollouts", ["+agent_name=flaky_agent", f"+head_server.port={two_agents.head_port}", "+progress=false",
                                            "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr

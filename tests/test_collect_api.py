@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, weather_env
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, wait_until_async, weather_env
 from nemo_gym_cli.collect.api import RolloutRun
 from nemo_gym_cli.collect.jobs import Repeats, iter_rows
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
@@ -64,9 +64,7 @@ async def test_the_limit_can_change_while_rollouts_are_in_flight():
     for _ in range(30):
         await asyncio.sleep(0)
     assert len(call.started) == 6 and run.in_flight() == 1
-    while not consumer.done():
-        call.release(30)
-        await asyncio.sleep(0)
+    await settle(lambda: call.release(30) or consumer.done(), "every rollout to finish")  # releasing as they start
     assert sorted(results) == list(range(30))
 
 
@@ -131,9 +129,7 @@ async def test_leaving_the_loop_early_cancels_the_rollouts_in_flight(standins, g
     await stream.aclose()
     # nothing goes on behind our back: the backend goes idle, having served only the rollouts
     # taken and the ones in flight when we left (two model turns each)
-    for _ in range(400):
-        if backend.metric("vllm:num_requests_running") == 0:
-            break
-        await asyncio.sleep(0.05)  # polling the backend, not synchronising with it
+    await wait_until_async(lambda: backend.metric("vllm:num_requests_running") == 0, 20, "the backend to go idle",
+                           interval=0.05)
     assert backend.metric("vllm:num_requests_running") == 0
     assert backend.stats()["requests"] <= 2 * (taken + 20 + 1)

@@ -142,7 +142,8 @@ def test_setup_errors_are_clear(standins, graph, tmp_path):
     assert done.returncode == 2
     assert "127.0.0.1:1" in done.stderr and "ng_run" in done.stderr
     # an unknown flag is an error with "did you mean", never ignored
-    done = run_cli("ng_collect_rollouts", [AGENT, "+concurency=10", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=o.jsonl"], cwd=tmp_path)
+    done = run_cli("ng_collect_rollouts", [AGENT, "+concurency=10", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=o.jsonl"],
+                   cwd=tmp_path)
     assert done.returncode == 2 and "did you mean '+concurrency'" in done.stderr and "Traceback" not in done.stderr
     # missing input file
     done = run_cli("ng_collect_rollouts", [AGENT, "+input_jsonl_fpath=nope.jsonl", "+output_jsonl_fpath=o.jsonl"], cwd=tmp_path)

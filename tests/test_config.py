@@ -87,6 +87,17 @@ def test_the_command_line_beats_env_yaml_and_conf_defaults(tmp_path):
     assert config_of(tmp_path, "+stop_grace_s=1")["stop_grace_s"] == 1  # CLI beats env.yaml
 
 
+def test_both_collectors_take_their_retry_and_shutdown_defaults_from_one_file(tmp_path):
+    shared = yaml.safe_load((PROJECT_ROOT / "conf/collection.yaml").read_text())
+    for command in ("ng_collect_rollouts", "ng_reverify"):
+        own = yaml.safe_load((PROJECT_ROOT / f"conf/{command}.yaml").read_text())
+        assert own["defaults"] == ["collection"] and not set(own) & set(shared), command  # written once
+        composed = compose(["+input_jsonl_fpath=a", "+output_jsonl_fpath=b", "+max_attempts=5"], command=command,
+                           cwd=tmp_path, env_yaml_roots=[tmp_path], validate=False)
+        assert {k: composed.config[k] for k in shared} == {**shared, "max_attempts": 5}, command
+        assert composed.sources["retry_backoff_s"] == "conf/collection.yaml" and "defaults" not in composed.config
+
+
 def test_a_files_own_config_paths_come_first_so_the_includer_wins(tmp_path):
     write(tmp_path, "base.yaml", """
         key: from_base
@@ -209,8 +220,10 @@ def test_comma_separated_urls_on_the_command_line_are_one_value_not_a_sweep(tmp_
 
     result = run_cli("ng_dump_config", args, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
-    dumped = yaml.safe_load(result.stdout)  # the value as the user wrote it: one string
-    assert dumped["policy_model"]["responses_api_models"]["vllm_model"]["base_url"] == "http://a:8000/v1,http://b:8000/v1"
+    dumped = yaml.safe_load(result.stdout)
+    assert dumped["policy_base_url"] == "http://a:8000/v1,http://b:8000/v1"  # the value as the user wrote it: one string
+    # ...and the adapter's field as it reads it (issue 16 point 6): one list of both URLs, not a sweep
+    assert dumped["policy_model"]["responses_api_models"]["vllm_model"]["base_url"] == ["http://a:8000/v1", "http://b:8000/v1"]
     assert "sweep" not in (result.stdout + result.stderr).lower()
 
 
@@ -472,6 +485,14 @@ def test_the_guides_switch_from_openai_to_vllm_changes_only_the_policy_model(tmp
 
 
 # ------------------------------------------------------------------ ng_dump_config and secrets
+
+
+def test_dump_config_shows_a_comma_separated_base_url_as_the_list_the_adapter_uses(tmp_path):
+    write_env(tmp_path, {**POLICY_ENV, "policy_base_url": "http://vllm-1:8000/v1, http://vllm-2:8000/v1,"})
+    result = run_cli("ng_dump_config", [f"+config_paths=[{VLLM_MODEL},{WEATHER}]"], cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    model = yaml.safe_load(result.stdout)["policy_model"]["responses_api_models"]["vllm_model"]
+    assert model["base_url"] == ["http://vllm-1:8000/v1", "http://vllm-2:8000/v1"]
 
 
 def test_dump_config_prints_the_resolved_config_with_secrets_masked(tmp_path):

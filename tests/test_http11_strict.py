@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from nemo_gym_cli.serving.http11 import InvalidRequest, LeanHTTP, NotSent, ProtocolError
+from nemo_gym_cli.testing.harness import wait_until_async
 from rawhttp import RawServer, response
 
 OK = response(200, b'{"ok": true}')
@@ -144,12 +145,11 @@ async def test_the_per_host_cap_bounds_open_connections(raw):
     server = raw(lambda method, path, *_: (gate.wait(10) and OK) if path == "/x" else OK)
     http = LeanHTTP(per_host_limit=3)
     calls = [asyncio.ensure_future(http.request("POST", server.url + "/x", b"{}", timeout=20)) for _ in range(10)]
-    pool = None
-    for _ in range(200):  # until the capped ones queue
-        await asyncio.sleep(0.01)
+    def queued():  # the pool, once the capped calls queue in it
         pool = next(iter(http.pools.values()), None)
-        if pool is not None and len(pool.waiters) == 7:
-            break
+        return pool if pool is not None and len(pool.waiters) == 7 else None
+
+    pool = await wait_until_async(queued, 10, "7 of the 10 calls to queue behind the cap of 3")
     assert pool is not None and pool.open == 3 and len(pool.waiters) == 7
     gate.set()
     assert [status for status, _ in await asyncio.gather(*calls)] == [200] * 10
@@ -157,10 +157,7 @@ async def test_the_per_host_cap_bounds_open_connections(raw):
     # a health check is never stuck behind the cap: with 3 calls hanging, it still gets through
     gate.clear()
     blocked = [asyncio.ensure_future(http.request("POST", server.url + "/x", b"{}", timeout=20)) for _ in range(3)]
-    for _ in range(200):
-        await asyncio.sleep(0.01)
-        if len(server.requests) == 13:
-            break
+    await wait_until_async(lambda: len(server.requests) == 13, 10, "the 3 blocked calls to reach the server")
     assert await asyncio.wait_for(http.request("GET", server.url + "/health", timeout=5, uncapped=True), 10) == \
         (200, b'{"ok": true}')
     assert not any(b.done() for b in blocked)

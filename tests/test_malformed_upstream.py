@@ -1,6 +1,7 @@
 """vllm_model in a real graph over a raw-socket "vLLM" that answers badly: each bad answer fails
-that request with a 502 naming the backend and what was wrong, counts as an error of that
-backend, and the adapter goes on serving (never a crash, never a partial success)."""
+that request with a 502 naming the backend and what was wrong (there is no other backend to
+retry on), counts as `malformed` for that backend, and the adapter goes on serving (never a
+crash, never a partial success; the last healthy backend is never marked down for it)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def test_a_bad_answer_fails_the_request_and_counts_against_the_backend(adapter, 
         assert status == 502, error
         message = error["error"]["message"]
         assert bad_vllm.url in message and problem in message, message
-    assert outcomes(adapter) == {"ok": 0.0, "error": 2.0, "unavailable": 0.0}
+    assert outcomes(adapter) == {"ok": 0.0, "error": 0.0, "unavailable": 0.0, "malformed": 2.0}
     # the adapter is fine and the backend still up: the next good answer goes through
     status, good = http_json(adapter + "/v1/responses", {"input": "say hello"})
     assert status == 200 and good["output"][-1]["content"][0]["text"] == "fine"

@@ -1,6 +1,7 @@
 """ng_run on a real two-node Ray cluster on this machine (`ray.cluster_utils.Cluster`, two raylets,
 every node on 127.0.0.1): replicas placed by `ray_actor_options.resources`, a collection across
-nodes, a replica's process SIGKILLed mid-run and restarted by Ray, no actor left after ng_run.
+nodes, a replica's process SIGKILLed mid-run and restarted by Ray, one frozen (SIGSTOP) and replaced,
+no actor left after ng_run.
 
 Select with `-m ray`; needs the ray extra (`pip install -e '.[ray]'`), else these tests skip.
 """
@@ -113,6 +114,18 @@ def test_replicas_run_where_placed_survive_a_killed_actor_and_leave_nothing(clus
     wait_until(lambda: "[simple_weather#1] restarted by Ray on Ray node" in g.output(), 30, "ng_run to report the restart")
     status = run_cli("ng_status", [f"+head_server.port={g.head_port}"], cwd=tmp_path)
     assert status.returncode == 0, status.stdout + status.stderr
+
+    # A replica frozen for good (SIGSTOP): ng_run's /health probes find it; it is killed and Ray restarts it.
+    frozen = next(s for s in g.servers() if s["name"] == "simple_weather" and s["replica"] == 0)
+    os.kill(frozen["pid"], signal.SIGSTOP)
+
+    def replaced():
+        now = next(s for s in g.servers() if s["name"] == "simple_weather" and s["replica"] == 0)
+        return now if now["pid"] != frozen["pid"] and now["state"] == "ready" else None
+
+    wait_until(replaced, 60, "the frozen replica replaced")
+    assert "'simple_weather' stopped answering /health" in g.output(), g.output()
+    assert not psutil.pid_exists(frozen["pid"]) or psutil.Process(frozen["pid"]).status() == psutil.STATUS_ZOMBIE
 
     # Stopping ng_run removes every actor it started.
     urls = [s["url"] for s in g.servers()]

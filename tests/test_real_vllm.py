@@ -7,18 +7,24 @@ Every row's system prompt starts with a unique nonce, so a rollout's first turn 
 prefix-cache block with any other rollout: the cache hits a rollout gets come from its own
 earlier turns on the same server.
 
+Server 0 runs with vLLM's token-in/token-out API (`--enable-scale-out`) and RL pause API
+(`VLLM_SERVER_DEV_MODE=1`), as a trainer runs it; server 1 is a stock server without them (the
+token-exact preflight must refuse it).
+
 Skipped only when the real vLLM cannot be installed (scripts/real_vllm/install.sh).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+import urllib.request
 import uuid
 
 import pytest
 
-from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, http_json, run_cli, wait_until
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, free_port, http_json, run_cli, wait_until
 from nemo_gym_cli.testing.harness import ensure_installed, start_real_vllms
 
 pytestmark = pytest.mark.real_vllm
@@ -34,16 +40,18 @@ WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Curre
                                "required": ["city"], "additionalProperties": False},
                 "strict": True}
 CITIES = ["Paris", "Tokyo", "Berlin", "Lima", "Oslo", "Cairo", "Quito", "Perth"]
+SCALE_OUT = (["--enable-scale-out"], {"VLLM_SERVER_DEV_MODE": "1"})
 COUNTERS = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total")
 
 
 @pytest.fixture(scope="module")
 def vllms(tmp_path_factory):
-    """Two real vLLM servers (model "tiny"), started at once, stopped at the end of the module."""
+    """Two real vLLM servers (model "tiny"), started at once, stopped at the end of the module:
+    [0] with --enable-scale-out and the dev-mode pause API, [1] stock."""
     ok, why = ensure_installed()
     if not ok:
         pytest.skip(why)
-    servers = start_real_vllms(2, tmp_path_factory.mktemp("real_vllm"))
+    servers = start_real_vllms(2, tmp_path_factory.mktemp("real_vllm"), flags=[SCALE_OUT, ([], {})])
     try:
         yield servers
     finally:
@@ -182,52 +190,118 @@ def test_two_real_vllm_servers_share_the_rollouts_and_each_rollout_stays_on_one(
     assert set(serving) == {0, 1}, f"idle servers were not taken in turn: {serving}"
 
 
-def test_training_config_returns_token_ids_that_match_the_real_tokenizer(vllms, graph, tmp_path):
-    g = graph([TRAINING_MODEL, WEATHER], env=env_for(vllms), args=[MAX_STEPS], timeout=120)
+def test_training_config_is_token_exact_over_every_turn_on_the_real_vllm(vllms, graph, tmp_path):
+    """8 rollouts of 3 forced get_weather turns: every later turn's prompt extends the previous
+    turn's exact prompt + generation ids (re-templating made 0 of these 16 pairs exact)."""
+    scale_out = vllms[:1]
+    g = graph([TRAINING_MODEL, WEATHER], env=env_for(scale_out), args=[f"++{AGENT}.responses_api_agents.simple_agent.max_steps=3"],
+              timeout=120)
     nonce = uuid.uuid4().hex[:12]
-    write_rows(tmp_path / "in.jsonl", 4, nonce)
-    before = counters(vllms)
-    done = collect(g, "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl", "+concurrency=2")
+    write_rows(tmp_path / "in.jsonl", 8, nonce)
+    done = collect(g, "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl", "+concurrency=4")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_lines(tmp_path / "out.jsonl")
-    assert len(rows) == 4
-    settled(vllms, before, 4 * TURNS)  # /tokenize calls are not generation requests
+    assert len(rows) == 8
     token_fields = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
     tools = [{"type": "function", "function": {k: WEATHER_TOOL[k] for k in ("name", "description", "parameters", "strict")}}]
+    pairs = exact = 0
     for r in rows:
-        assert_weather_episode(r)
         output, usage = r["response"]["output"], r["response"]["usage"]
         turns = model_turns(output)
-        assert len(turns) == TURNS
-        messages = [{"role": m["role"], "content": m["content"]} for m in r["responses_create_params"]["input"]]
-        prompt_total = generation_total = 0
-        previous_prompt = None
+        assert len(turns) == 3 and r["reward"] == 1.0
+        ends = [turn[-1] for turn in turns]
         for t, turn in enumerate(turns):
+            assert not any(f in item for item in turn[:-1] for f in token_fields), f"token ids on a non-last item of turn {t + 1}"
             last = turn[-1]
-            for item in turn[:-1]:
-                assert not any(f in item for f in token_fields), f"token ids on a non-last item of turn {t + 1}"
-            prompt, gen, logprobs = (last.get(f) for f in token_fields)
-            assert prompt and all(isinstance(x, int) for x in prompt), last
-            assert gen and all(isinstance(x, int) for x in gen), last
-            assert len(logprobs) == len(gen) and all(isinstance(x, float) and x <= 0.0 for x in logprobs)
-            # the prompt ids are exactly what the real server's tokenizer makes of this turn's messages
-            status, tok = http_json(vllms[0].base_url + "/tokenize", {"model": "tiny", "messages": messages, "tools": tools,
+            prompt, gen, logprobs = (last[f] for f in token_fields)
+            assert gen and len(logprobs) == len(gen) and all(isinstance(x, float) and x <= 0.0 for x in logprobs)
+            assert last["token_exact"] is True, last.get("token_exact_reason")
+            assert last["weight_versions"] == [{"version": "default", "start": 0, "end": len(gen)}]
+        # turn 1's prompt is what the server's own template makes of the row
+        messages = [{"role": m["role"], "content": m["content"]} for m in r["responses_create_params"]["input"]]
+        status, tok = http_json(scale_out[0].base_url + "/tokenize", {"model": "tiny", "messages": messages, "tools": tools,
                                                                       "add_generation_prompt": True}, timeout=60)
-            assert status == 200, tok
-            assert prompt == tok["tokens"], f"turn {t + 1}: prompt ids differ from /tokenize"
-            if previous_prompt is not None:
-                assert prompt[:len(previous_prompt)] == previous_prompt  # the history is a prefix
-            previous_prompt = prompt
-            prompt_total += len(prompt)
-            generation_total += len(gen)
-            # the next turn's chat history: this turn's assistant message, then the tool outputs
-            text = "".join(p["text"] for i in turn if i["type"] == "message" for p in i["content"])
-            calls = [i for i in turn if i["type"] == "function_call"]
-            messages.append({"role": "assistant", "content": text, "tool_calls": [
-                {"id": c["call_id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                for c in calls]})
-            outputs = {i["call_id"]: i["output"] for i in output if i["type"] == "function_call_output"}
-            messages.extend({"role": "tool", "tool_call_id": c["call_id"], "content": outputs[c["call_id"]]} for c in calls)
+        assert status == 200 and ends[0]["prompt_token_ids"] == tok["tokens"]
+        for earlier, later in zip(ends, ends[1:]):
+            history = earlier["prompt_token_ids"] + earlier["generation_token_ids"]
+            pairs += 1
+            exact += later["prompt_token_ids"][:len(history)] == history
         # what vLLM billed is what the rows carry
-        assert prompt_total == usage["input_tokens"]
-        assert generation_total == usage["output_tokens"]
+        assert sum(len(e["prompt_token_ids"]) for e in ends) == usage["input_tokens"]
+        assert sum(len(e["generation_token_ids"]) for e in ends) == usage["output_tokens"]
+    print(f"\nexact turn pairs on the real vLLM: {exact}/{pairs}")
+    assert (exact, pairs) == (16, 16)
+    metrics = json.loads((tmp_path / "out_metrics.json").read_text())
+    assert metrics["token_exact_turns"] == 24 and metrics["token_exact_fallbacks"] == 0, metrics
+
+    # The agent edits the history (a different question before the model's first turn): that turn
+    # cannot be spliced. It is rendered afresh by the server and says so.
+    replay = dict(rows[0]["responses_create_params"], **SAMPLING)
+    replay["input"] = replay["input"][:1] + [{"role": "user", "content": "And in Lima?"}] + output[:2]
+    status, response = http_json(g.url("policy_model") + "/v1/responses", replay, timeout=120)
+    assert status == 200, response
+    last = response["output"][-1]
+    assert last["token_exact"] is False and "history was edited" in last["token_exact_reason"], last
+
+
+def test_token_exact_refuses_a_backend_without_scale_out(vllms, tmp_path):
+    (tmp_path / "env.yaml").write_text(json.dumps(env_for(vllms)))  # JSON is YAML
+    result = run_cli("ng_run", [f"+config_paths=[{TRAINING_MODEL},{WEATHER}]", f"+head_server.port={free_port()}"],
+                     cwd=tmp_path, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert f"{vllms[1].base_url}/v1/chat/completions/render is not served" in out and "--enable-scale-out" in out
+    assert vllms[0].base_url + "/v1/chat/completions/render" not in out  # only the stock server is named
+
+
+def post_root(srv, path: str) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(srv.base_url + path, data=b"", method="POST"), timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllms, graph):
+    """/pause?mode=abort sent to vLLM itself while 4 long generations run, then /resume: every
+    turn comes back whole, with as many tokens as the same request uninterrupted."""
+    srv = vllms[0]
+    g = graph([TRAINING_MODEL, WEATHER], env=env_for([srv]), timeout=120)
+    nonce = uuid.uuid4().hex[:12]
+    requests = [{"input": [{"role": "system", "content": f"[{nonce}-{i}] Write a long story."},
+                           {"role": "user", "content": f"Tell me story number {i}."}],
+                 "temperature": 0.0, "max_output_tokens": 400} for i in range(4)]
+    url = g.url("policy_model") + "/v1/responses"
+    uninterrupted = []
+    for body in requests:  # one at a time: the reference token counts
+        status, response = http_json(url, body, timeout=120)
+        assert status == 200, response
+        uninterrupted.append(response["output"][-1]["generation_token_ids"])
+
+    results: list = [None] * len(requests)
+
+    def send(i: int) -> None:
+        results[i] = http_json(url, requests[i], timeout=300)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    wait_until(lambda: srv.metric("vllm:num_requests_running") >= len(requests), 60, "4 generations running",
+               interval=0.05)
+    assert post_root(srv, "/pause?mode=abort") == {"status": "paused"}
+    assert json.loads(urllib.request.urlopen(srv.base_url + "/is_paused", timeout=10).read()) == {"is_paused": True}
+    status, view = http_json(g.url("policy_model") + "/backends")
+    assert view["backends"][0]["paused"] is True and view["backends"][0]["healthy"], view  # paused is not down
+    assert post_root(srv, "/resume") == {"status": "resumed"}
+    for t in threads:
+        t.join(300)
+    whole = aborted = same = 0
+    for (status, response), reference in zip(results, uninterrupted):
+        assert status == 200, response
+        last = response["output"][-1]
+        aborted += last.get("aborted_generations", 0)
+        assert response["status"] in ("completed", "incomplete") and last["token_exact"] is True
+        assert len(last["generation_token_ids"]) == len(reference), (len(last["generation_token_ids"]), len(reference))
+        assert last["weight_versions"][-1]["end"] == len(reference)
+        whole += 1
+        same += last["generation_token_ids"] == reference
+    print(f"\npause(abort) mid-generation: {aborted} generations aborted and continued; {whole}/{len(requests)} "
+          f"turns whole; {same}/{len(requests)} token-identical to the uninterrupted run")
+    assert aborted >= 1 and whole == len(requests)

@@ -11,7 +11,9 @@ import socket
 import pytest
 from aiohttp import web
 
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.testing.harness import wait_until_async
 
 FAST = {"max_retries": 0, "backoff_base_s": 0.01, "resolve_timeout_s": 10}
 
@@ -67,10 +69,12 @@ class Replica:
 
 class RawReplica:
     """Takes a POST and closes the connection without answering; `then_die` also stops listening
-    (a process killed mid-call); otherwise /health keeps answering (a live server)."""
+    (a process killed mid-call); `dying` resets every connection, /health too (a process being
+    killed: the kernel still completes handshakes on its closing listen socket, nothing answers);
+    otherwise /health keeps answering (a live server)."""
 
-    def __init__(self, then_die: bool):
-        self.then_die, self.posts = then_die, 0
+    def __init__(self, then_die: bool, dying: bool = False):
+        self.then_die, self.dying, self.posts = then_die, dying, 0
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -83,6 +87,9 @@ class RawReplica:
             if self.then_die:
                 self.server.close()
             writer.transport.abort()  # RST: closed under the call
+            return
+        if self.dying:
+            writer.transport.abort()
             return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
         await writer.drain()
@@ -119,8 +126,7 @@ async def test_calls_spread_by_least_in_flight_and_a_session_sticks(head, client
     for r in replicas:
         r.gate.clear()
     calls = [asyncio.ensure_future(client.post("env", "/work", {})) for _ in range(10)]
-    while sum(r.hits for r in replicas) < 10:
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: sum(r.hits for r in replicas) >= 10, 10, "the 10 calls to reach the replicas")
     assert [r.hits for r in replicas] == [5, 5]  # each call went to the one with fewer in flight
     for r in replicas:
         r.gate.set()
@@ -165,6 +171,16 @@ async def test_a_replica_that_dies_mid_call_is_left_and_the_call_re_sent(head, c
     head.set("env", [await dying.start(), await good.start()])
     answers = [(await client.post("env", "/work", {}, session_id=f"s{i}"))["replica"] for i in range(4)]
     assert answers == [1, 1, 1, 1] and dying.posts == 1  # the call it took was re-sent to the other
+    await good.stop()
+
+
+async def test_a_replica_being_killed_is_left_and_the_call_re_sent(head, client):
+    dying, good = RawReplica(then_die=False, dying=True), Replica(1)
+    head.set("env", [await dying.start(), await good.start()])
+    answers = [(await client.post("env", "/work", {}, session_id=f"s{i}"))["replica"] for i in range(4)]
+    assert answers == [1, 1, 1, 1] and dying.posts == 1  # the call it reset was re-sent to the other
+    assert [r.index for r in client.resolver.names["env"].live] == [1]
+    dying.server.close()
     await good.stop()
 
 

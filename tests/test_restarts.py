@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 
 from nemo_gym_cli.graph.supervisor import RestartPolicy
-from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, script, wait_until, weather_env
-from nemo_gym_cli.testing.harness.scenarios import (alive, by_name, read_lines, relay, server_processes, start_pair,
-                                                   wait_for_exit, write_rows)
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, wait_until, weather_env
+from nemo_gym_cli.testing.harness.scenarios import (alive, by_name, collect_in_background, lines_written, read_lines,
+                                                   relay, server_processes, start_pair, wait_for_exit, write_rows)
 
 FAST = ["+restarts.backoff_s=0.1"]
 
@@ -88,7 +87,7 @@ def test_restart_never_stops_the_graph_in_colocated_mode_too(graph, tmp_path):
 
 def test_restart_backoff_doubles_to_a_cap_and_a_storm_is_refused():
     now = [0.0]
-    policy = RestartPolicy(clock=lambda: now[0])
+    policy = RestartPolicy.from_config({}, clock=lambda: now[0])  # conf/ng_run.yaml's restarts
     delays = []
     for _ in range(5):
         delays.append(policy.next_delay())
@@ -97,7 +96,7 @@ def test_restart_backoff_doubles_to_a_cap_and_a_storm_is_refused():
     assert policy.next_delay() is None  # a 6th restart within 60 s: stop the graph
     now[0] += 60  # a quiet minute: restarts are allowed again, from the short backoff
     assert policy.next_delay() == 0.5
-    capped = RestartPolicy(max_restarts=10, clock=lambda: now[0])
+    capped = RestartPolicy.from_config({"restarts": {"max_restarts": 10}}, clock=lambda: now[0])
     assert [capped.next_delay() for _ in range(7)] == [0.5, 1, 2, 4, 8, 8, 8]
 
 
@@ -107,12 +106,9 @@ def test_a_resources_server_killed_mid_run_is_restarted_and_the_run_completes(st
     weather_pid = by_name(g)["simple_weather"]["pid"]
     write_rows(tmp_path / "in.jsonl", 400)
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([script("ng_collect_rollouts"), "+agent_name=simple_weather_simple_agent", "+progress=false",
-                             f"+head_server.port={g.head_port}", "+input_jsonl_fpath=in.jsonl",
-                             f"+output_jsonl_fpath={out}", "+concurrency=40", "+max_attempts=3"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = collect_in_background(g, out, "+concurrency=40", "+max_attempts=3")
     try:
-        wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 50, 120, "50 rollouts written")
+        wait_until(lambda: lines_written(out) >= 50, 120, "50 rollouts written")
         os.kill(weather_pid, signal.SIGKILL)  # mid-run: some 40 rollouts are in flight
         output, _ = proc.communicate(timeout=180)
     finally:

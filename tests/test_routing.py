@@ -16,9 +16,10 @@ from prometheus_client import generate_latest
 
 from nemo_gym_cli.routing import (Backend, BackendUnavailable, NoHealthyBackend, Router, RoutingSettings, SessionTable,
                                   make_policy)
-from nemo_gym_cli.routing.model_server import UpstreamModel
-from nemo_gym_cli.routing.upstream import Upstream, UpstreamError
+from nemo_gym_cli.model_adapter.server import UpstreamModel
+from nemo_gym_cli.model_adapter.upstream import Upstream, UpstreamError
 from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.testing.harness import wait_until_async
 
 POLICIES = ["least_loaded", "round_robin", "hash"]
 
@@ -86,14 +87,6 @@ def backends_of_session(vllms: list[FakeVLLM]) -> dict[str, set[str]]:
         for sid in v.hits:
             seen[sid].add(v.name)
     return seen
-
-
-async def until(predicate, timeout: float = 3.0) -> None:
-    """Poll (bounded) until predicate() holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -221,7 +214,8 @@ async def test_a_backend_dies_mid_run_and_every_rollout_still_completes(policy, 
     # turn 2: the victim is killed while it holds requests
     victim.delay = 5.0
     second = [asyncio.create_task(turn(up, sid)) for sid in sids]
-    await until(lambda: backend_state(up.router, victim)["in_flight"] == len(stranded))
+    await wait_until_async(lambda: backend_state(up.router, victim)["in_flight"] == len(stranded), 3,
+                           "the stranded calls to be in flight on the victim")
     await victim.stop()
     placed = dict(zip(sids, await asyncio.gather(*second)))
 
@@ -243,7 +237,7 @@ async def test_a_backend_dies_mid_run_and_every_rollout_still_completes(policy, 
     # the victim comes back on the same port: the /health probe marks it up again
     victim.delay = 0.0
     await victim.start()
-    await until(lambda: backend_state(up.router, victim)["healthy"])
+    await wait_until_async(lambda: backend_state(up.router, victim)["healthy"], 3, "the victim to be marked up again")
     # and takes new sessions again, under every policy
     if policy == "least_loaded":  # the idle, session-free backend gets the next new session
         assert await turn(up, "after-restart") == victim.name
@@ -278,7 +272,7 @@ async def test_a_call_waits_for_a_backend_to_come_back(vllms, make_upstream):
     for v in vllms:
         await v.stop()
     call = asyncio.create_task(turn(up, "patient"))
-    await until(lambda: not any(b["healthy"] for b in up.router.snapshot()["backends"]))
+    await wait_until_async(lambda: not any(b["healthy"] for b in up.router.snapshot()["backends"]), 3, "the victim to be marked up again")
     assert not call.done()
 
     await vllms[2].start()
@@ -483,7 +477,7 @@ async def test_health_checks_cut_off_a_frozen_backend_and_reissue_its_calls(vllm
     assert all(b.probe_task is not None for b in up.router.backends)
     victim.delay = 30.0  # its generations never finish...
     stuck = [asyncio.create_task(turn(up, f"s{i}")) for i in range(6)]
-    await until(lambda: backend_state(up.router, victim)["in_flight"] >= 1)
+    await wait_until_async(lambda: backend_state(up.router, victim)["in_flight"] >= 1, 3, "a call in flight on the victim")
     victim.health_delay = 30.0  # ...and now its /health stops answering too: frozen
     placed = await asyncio.wait_for(asyncio.gather(*stuck), 10)
     assert victim.name not in placed
@@ -493,10 +487,10 @@ async def test_health_checks_cut_off_a_frozen_backend_and_reissue_its_calls(vllm
 
     # a caller's own cancellation stays a cancellation (not a failover)
     victim.health_delay = 0.0
-    await until(lambda: backend_state(up.router, victim)["healthy"], timeout=5)
+    await wait_until_async(lambda: backend_state(up.router, victim)["healthy"], 5, "the victim to be marked up again")
     vllms[1].delay = vllms[2].delay = 30.0
     mine = asyncio.create_task(turn(up, "cancel-me"))
-    await until(lambda: sum(b.in_flight for b in up.router.backends) == 1)
+    await wait_until_async(lambda: sum(b.in_flight for b in up.router.backends) == 1, 3, "one call in flight")
     before = sum(b["failovers"] for b in up.router.snapshot()["backends"])
     mine.cancel()
     with pytest.raises(asyncio.CancelledError):

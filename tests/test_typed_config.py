@@ -71,8 +71,10 @@ def test_ng_run_reports_bad_server_fields_before_starting_anything(tmp_path: Pat
     assert result.returncode == 2, result.stdout + result.stderr
     err = result.stderr
     assert "Config errors (3)" in err
-    assert "'policy_model.responses_api_models.vllm_model.routing_policy' must be 'least_loaded' | 'round_robin' | 'hash', got 'fastest'" in err
+    assert ("'policy_model.responses_api_models.vllm_model.routing_policy' must be 'least_loaded' | 'round_robin' | 'hash', "
+            "got 'fastest'") in err
     assert "'policy_model.responses_api_models.vllm_model.timeout_s' must be float, got 'soon'" in err
-    assert "'simple_weather_simple_agent.responses_api_agents.simple_agent.max_step' is not a field of this server (did you mean 'max_steps'?)" in err
+    assert ("'simple_weather_simple_agent.responses_api_agents.simple_agent.max_step' is not a field of this server "
+            "(did you mean 'max_steps'?)") in err
     assert "command line" in err  # where the bad value was set
     assert "serving" not in err  # nothing started

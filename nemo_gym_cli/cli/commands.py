@@ -1,4 +1,4 @@
-"""Console scripts: ng_run, ng_collect_rollouts, ng_reverify, ng_status, ng_dump_config.
+"""Console scripts: ng_run, ng_collect_rollouts, ng_reverify, ng_status, ng_dump_config (ng_init_env: init_env.py).
 
 Arguments use Hydra's override grammar (`+key=value`, `++key=value`, `"+config_paths=[a,b]"`).
 A config problem is reported in full with exit code 2, never as a traceback.
@@ -6,10 +6,9 @@ A config problem is reported in full with exit code 2, never as a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Callable
-
-
 
 from nemo_gym_cli.config import ConfigError, Composed, compose, dump_yaml, secret_values
 from nemo_gym_cli.serving.logs import make_console, setup_logging
@@ -17,43 +16,24 @@ from nemo_gym_cli.serving.runtime import run_async
 
 err = make_console(stderr=True)
 
-HELP = {
-    "ng_run": """usage: ng_run "+config_paths=[a.yaml,b.yaml]" [+key=value ...]
-
-Start the server graph: a head server (registry) plus one process per server instance in the
-config (or all in this process with +colocate=true). Prints a table of servers when all answer
-/health; Ctrl-C or SIGTERM stops everything.
-
-Config layers, lowest to highest: conf/ defaults < config_paths files < env.yaml < command line.
-Common keys: +head_server.port=11000 +colocate=false +ready_timeout_s=60 +log_dir=logs
-""",
-    "ng_dump_config": """usage: ng_dump_config "+config_paths=[a.yaml,b.yaml]" [+key=value ...]
+DUMP_CONFIG_HELP = """usage: ng_dump_config "+config_paths=[a.yaml,b.yaml]" [+key=value ...]
 
 Print the resolved config (secrets masked) exactly as ng_run would use it.
-""",
-    "ng_status": """usage: ng_status [--watch] [+head_server.port=11000]
+"""
 
-Ask the head server of a running ng_run for its servers and check that each answers now; show
-every model adapter's backends (up/down, in flight, sessions, requests, failovers, and vLLM's
-running, waiting, KV cache, prefix-cache hit rate, preemptions) and the collections in progress.
---watch redraws it in place every second until Ctrl-C.
-""",
+# Where each command's --help text lives: beside its code.
+HELP_OF = {
+    "ng_run": "nemo_gym_cli.graph.launcher",
+    "ng_status": "nemo_gym_cli.cli.status",
+    "ng_collect_rollouts": "nemo_gym_cli.collect.collector",
+    "ng_reverify": "nemo_gym_cli.collect.reverify",
 }
 
 
 def _args(command: str) -> list[str]:
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
-        if command == "ng_collect_rollouts":
-            from nemo_gym_cli.collect.cli import HELP as collect_help
-
-            print(collect_help)
-        elif command == "ng_reverify":
-            from nemo_gym_cli.collect.reverify import HELP as reverify_help
-
-            print(reverify_help)
-        else:
-            print(HELP[command])
+        print(importlib.import_module(HELP_OF[command]).HELP if command in HELP_OF else DUMP_CONFIG_HELP)
         sys.exit(0)
     return args
 
@@ -86,9 +66,11 @@ def ng_run() -> None:
 
 
 def ng_dump_config() -> None:
-    # Composed with ng_run's defaults: it shows exactly what ng_run would use.
+    from nemo_gym_cli.graph.build import as_the_servers_read_it
+
+    # Composed with ng_run's defaults: it shows exactly what ng_run would use, URL lists as the servers split them.
     composed = _compose_or_exit("ng_run", _args("ng_dump_config"), shown_as="ng_dump_config")
-    sys.stdout.write(dump_yaml(composed.config))
+    sys.stdout.write(dump_yaml(as_the_servers_read_it(composed.config, composed.servers)))
 
 
 def ng_status() -> None:
@@ -101,13 +83,13 @@ def ng_status() -> None:
 
 
 def ng_collect_rollouts() -> None:
-    from nemo_gym_cli.collect.cli import collect
+    from nemo_gym_cli.collect.collector import collect
 
     _main("ng_collect_rollouts", lambda c: run_async(collect(c)), strict_cli=True, validate=False)
 
 
 def ng_reverify() -> None:
-    from nemo_gym_cli.collect.cli import collect
+    from nemo_gym_cli.collect.collector import collect
     from nemo_gym_cli.collect.reverify import Reverifier
 
     _main("ng_reverify", lambda c: run_async(collect(c, Reverifier)), strict_cli=True, validate=False)

@@ -15,8 +15,18 @@ from rich.text import Text
 
 from nemo_gym_cli.config import MODEL_SERVERS, head_url
 from nemo_gym_cli.graph.head import node_label
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.logs import make_console
+
+HELP = """usage: ng_status [--watch] [+head_server.port=11000]
+
+Ask the head server of a running ng_run for its servers and check that each answers now; show
+every model adapter's backends (up/down, in flight, sessions, requests, failovers, and vLLM's
+running, waiting, KV cache, prefix-cache hit rate, preemptions) and the collections in progress.
+--watch redraws it in place every second until Ctrl-C.
+"""
 
 WATCH_INTERVAL_S = 1.0
 DASH = "-"
@@ -42,7 +52,7 @@ async def take_snapshot(client: ServerClient) -> Snapshot:
         if not s.get("url"):
             return "no url"
         try:
-            await client.request_json("GET", f"{s['url']}/health", server=s["name"], timeout_s=3, retries=0)
+            await client.request_json("GET", s["url"] + s.get("probe_path", "/health"), server=s["name"], timeout_s=3, retries=0)
             return None
         except ServerCallError as e:
             return e.message
@@ -55,7 +65,7 @@ async def take_snapshot(client: ServerClient) -> Snapshot:
 
     async def collections() -> list[dict]:
         try:
-            return await client.request_json("GET", f"{client.head_url}/collections", server="head server", timeout_s=3, retries=0)
+            return await HeadClient(client).collections()
         except ServerCallError:
             return []  # an older head server
 
@@ -92,7 +102,12 @@ def backends_table(snap: Snapshot) -> Table:
             continue
         for b in view.get("backends", []):
             g = b.get("vllm") or {}
-            state = Text("up", style="green") if b.get("healthy") else Text(f"down ({b.get('down_reason')})", style="red")
+            if not b.get("healthy"):
+                state = Text(f"down ({b.get('down_reason')})", style="red")
+            elif b.get("paused"):  # a weight sync: it answers /health, its requests wait or come back aborted
+                state = Text("paused", style="yellow")
+            else:
+                state = Text("up", style="green")
             requests = b.get("requests") or {}
             table.add_row(Text(name), Text(b["url"]), state, str(b.get("in_flight", DASH)), str(b.get("sessions", DASH)),
                           str(sum(requests.values())), str(b.get("failovers", DASH)),
@@ -107,7 +122,8 @@ def collections_table(snap: Snapshot) -> Table:
         table.add_column(col, justify="right" if col not in ("agent", "output", "state") else "left")
     for c in snap.collections:
         done = f"{c.get('done')}/{c['total']}" if c.get("total") else str(c.get("done"))
-        table.add_row(Text(str(c.get("agent"))), Text(str(c.get("output"))), str(c.get("state")), done, str(c.get("failed")),
+        state = f"{c.get('state')}: {c['reason']}" if c.get("reason") else str(c.get("state"))  # why it failed or was lost
+        table.add_row(Text(str(c.get("agent"))), Text(str(c.get("output"))), Text(state), done, str(c.get("failed")),
                       _num(c.get("rollouts_per_s")), _num(c.get("mean_reward"), "{:.3f}"), _num(c.get("concurrency")))
     return table
 

@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from nemo_gym_cli.config.paths import conf_defaults
+
 AUTO_START = 4  # "start low": the ramp doubles from here
-DEFAULT_MAXIMUM = 1024
 SAMPLE_INTERVAL_S = 0.25  # "at most a few times a second"
 READ_TIMEOUT_S = 2.0
 SMOOTHING = 0.5  # EWMA weight of the newest waiting sample: gauges are instantaneous and noisy
@@ -75,7 +76,7 @@ class AutoConcurrency:
     limit: Any
     read_signals: Callable[[], Awaitable[Signals | None]]
     in_flight: Callable[[], int]
-    maximum: int = 1024
+    maximum: int = conf_defaults("ng_collect_rollouts")["concurrency_max"]
     interval_s: float = SAMPLE_INTERVAL_S
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep

@@ -14,10 +14,12 @@ from typing import Iterator
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
-from nemo_gym_cli.collect.cli import Collector, SetupError
+from nemo_gym_cli.collect.collector import Collector, SetupError
 from nemo_gym_cli.collect.stats import Stats
 from nemo_gym_cli.config import AGENT_SERVERS
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving.head_client import HeadClient
 
 HELP = """usage: ng_reverify +input_jsonl_fpath=ROLLOUTS.jsonl +output_jsonl_fpath=REVERIFIED.jsonl [+agent_name=NAME]
                    [+limit=N] [+concurrency=N] [+max_attempts=3] [+resume=true]
@@ -72,7 +74,7 @@ class Reverifier(Collector):
 
     async def prepare(self, agents: set[str]) -> None:
         try:
-            config = await self.client.request_json("GET", f"{self.client.head_url}/config", server="head server", timeout_s=5, retries=1)
+            config = await HeadClient(self.client).config()
         except ServerCallError as e:
             raise SetupError(f"cannot read the graph's config from {self.client.head_url} ({e.message})") from None
         for name in agents:

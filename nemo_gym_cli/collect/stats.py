@@ -32,6 +32,19 @@ def ks_for(repeats: int) -> list[int]:
     return ks
 
 
+def token_exact_counts(result: dict) -> tuple[int, int]:
+    """(turns made token-exact, turns rendered afresh) of a rollout from a token-exact model
+    adapter: its turns' last output items say `token_exact: true|false`."""
+    response = result.get("response")
+    output = response.get("output") if isinstance(response, dict) else None
+    exact = fallback = 0
+    for item in output if isinstance(output, list) else ():
+        flag = item.get("token_exact") if isinstance(item, dict) else None
+        exact += flag is True
+        fallback += flag is False
+    return exact, fallback
+
+
 def numeric_fields(result: dict):
     for key, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("_ng_"):
@@ -90,6 +103,8 @@ class Stats:
     sums: dict[str, float] = field(default_factory=dict)  # numeric verify fields (reward, ...)
     counts: dict[str, int] = field(default_factory=dict)
     agents: dict[str, AgentStats] = field(default_factory=dict)
+    token_exact_turns: int = 0  # model turns whose prompt extends the previous turn's exact ids
+    token_exact_fallbacks: int = 0  # model turns rendered afresh (marked token_exact: false, with the reason)
 
     def agent(self, name: str | None) -> AgentStats:
         name = name or "(none)"
@@ -109,6 +124,9 @@ class Stats:
                 self.latencies[slot] = latency
         per = self.agent(agent)
         per.rollouts += 1
+        exact, fallback = token_exact_counts(result)
+        self.token_exact_turns += exact
+        self.token_exact_fallbacks += fallback
         for key, value in numeric_fields(result):
             self.sums[key] = self.sums.get(key, 0.0) + value
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -144,6 +162,8 @@ class Stats:
             "latency_p95_s": self.percentile(0.95),
             "latency_mean_s": round(self.latency_sum / self.done, 4) if self.done else None,
             "means": {k: round(self.sums[k] / self.counts[k], 6) for k in sorted(self.sums)},
+            "token_exact_turns": self.token_exact_turns,
+            "token_exact_fallbacks": self.token_exact_fallbacks,
         }
 
     def per_agent(self) -> dict:

@@ -17,11 +17,10 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
-from nemo_gym_cli.config.paths import CONF_DIR, resolve_path, search_roots
+from nemo_gym_cli.config.nemo_gym import INSTALL_HINT, NemoGymUnavailable, nemo_gym_tree, python_from_layers
+from nemo_gym_cli.config.paths import CONF_DIR, conf_files, resolve_path, search_roots
 from nemo_gym_cli.config.secrets import mask_secrets
 from nemo_gym_cli.config.specs import ServerSpec, server_specs, validate_servers
-
-MISSING = "???"
 
 
 class ConfigError(ValueError):
@@ -110,16 +109,25 @@ def _as_path_list(value: Any, where: str) -> list[str]:
     raise ConfigError([f"{where}: config_paths must be a list of paths, got {value!r}"])
 
 
-def _load_config_paths(paths: list[str], cwd: Path, problems: list[str]) -> list[tuple[Path, DictConfig]]:
-    """Each file's own config_paths are loaded before it, so the including file wins."""
+def _load_config_paths(paths: list[str], cwd: Path, problems: list[str], nemo_python: str | None = None) -> list[tuple[Path, DictConfig]]:
+    """Each file's own config_paths are loaded before it, so the including file wins. A relative
+    path is looked for in the current folder, our project, then the NeMo Gym tree of `nemo_python`."""
     loaded: list[tuple[Path, DictConfig]] = []
     seen: set[Path] = set()
+    extra_roots: list[Path] = []
+    if nemo_python:
+        try:
+            extra_roots.append(nemo_gym_tree(nemo_python))
+        except NemoGymUnavailable:
+            pass  # reported by validate_servers
 
     def visit(raw: str, included_from: str, stack: tuple[Path, ...]) -> None:
-        path = resolve_path(raw, cwd=cwd)
+        path = resolve_path(raw, cwd=cwd, extra_roots=extra_roots)
         if path is None:
-            looked = ", ".join(str(r / raw) for r in search_roots(cwd)) if not Path(raw).is_absolute() else raw
-            problems.append(f"{included_from}: config path '{raw}' not found (looked in: {looked})")
+            roots = [*search_roots(cwd), *extra_roots]
+            looked = ", ".join(str(r / raw) for r in roots) if not Path(raw).is_absolute() else raw
+            hint = "" if nemo_python else f"; if it is a NeMo Gym config, {INSTALL_HINT}"
+            problems.append(f"{included_from}: config path '{raw}' not found (looked in: {looked}){hint}")
             return
         if path in stack:
             problems.append(f"{included_from}: config path '{raw}' includes itself (cycle)")
@@ -160,12 +168,12 @@ def find_env_yaml(cwd: Path, roots: list[Path] | None = None) -> Path | None:
 class Composed:
     config: dict  # resolved, plain data, secrets intact
     sources: dict[str, str] = field(default_factory=dict)  # top-level key -> where it was set last
-    cli_keys: list[str] = field(default_factory=list)
     env_yaml: Path | None = None
+    cwd: Path | None = None
 
     @property
     def servers(self) -> dict[str, ServerSpec]:
-        return server_specs(self.config)
+        return server_specs(self.config, self.sources, self.cwd)
 
 
 def compose(
@@ -189,9 +197,11 @@ def compose(
     overrides = parse_overrides(args)
 
     layers: list[tuple[str, DictConfig]] = []
-    for name in ("base.yaml", f"{command}.yaml"):
-        if (CONF_DIR / name).is_file():
-            layers.append((f"conf/{name}", load_yaml(CONF_DIR / name, "defaults")))
+    for name in ("base", command):
+        for path in conf_files(name) if (CONF_DIR / f"{name}.yaml").is_file() else []:
+            layer = load_yaml(path, "defaults")
+            layer.pop("defaults", None)  # the files it builds on, loaded just before it
+            layers.append((f"conf/{path.name}", layer))
 
     env_path = find_env_yaml(cwd, env_yaml_roots)
     env_cfg = load_yaml(env_path, "env file") if env_path else OmegaConf.create({})
@@ -208,7 +218,8 @@ def compose(
             if "config_paths" in layer:
                 paths = layer.config_paths
     path_list = _as_path_list(OmegaConf.to_container(paths) if isinstance(paths, ListConfig) else paths, "config_paths")
-    for path, cfg in _load_config_paths(path_list, cwd, problems):
+    nemo_python = python_from_layers(overrides, env_cfg, *(layer for _, layer in reversed(layers)))
+    for path, cfg in _load_config_paths(path_list, cwd, problems, nemo_python):
         layers.append((str(path), cfg))
     if env_path:
         layers.append((str(env_path), env_cfg))
@@ -225,10 +236,8 @@ def compose(
     merged["config_paths"] = path_list
 
     allowed_cli_keys = set(merged.keys()) | {"config_paths"} if strict_cli else None
-    cli_keys = []
     for ov in overrides:
         top = ov.key.split(".")[0]
-        cli_keys.append(top)
         if allowed_cli_keys is not None and top not in allowed_cli_keys:
             hint = difflib.get_close_matches(top, sorted(allowed_cli_keys), n=1)
             problems.append(
@@ -248,7 +257,7 @@ def compose(
         sources[top] = "command line"
 
     resolved = _resolve_all(merged, sources, problems)
-    composed = Composed(resolved, sources, cli_keys, env_path)
+    composed = Composed(resolved, sources, env_path, cwd)
     if validate:  # every problem at once, even with earlier ones
         problems.extend(validate_servers(resolved, sources, cwd))
     if problems:

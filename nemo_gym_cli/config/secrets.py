@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+NO_API_KEY = "EMPTY"  # the api_key of a server that needs none (vLLM's convention): never sent, never masked
 _SECRET_WORDS = ("api_key", "apikey", "secret", "password", "passwd")
 
 
@@ -27,7 +28,7 @@ def secret_values(obj: Any) -> set[str]:
     found: set[str] = set()
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if is_secret_key(k) and isinstance(v, str) and len(v) >= 4 and v != "EMPTY":
+            if is_secret_key(k) and isinstance(v, str) and len(v) >= 4 and v != NO_API_KEY:
                 found.add(v)
             else:
                 found |= secret_values(v)

@@ -7,11 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_gym_cli.config.paths import base_defaults, search_roots
+from nemo_gym_cli.config.nemo_gym import (INSTALL_HINT, config_file_tree, imports_nemo_gym, nemo_gym_problems,
+                                          nemo_gym_python, nemo_gym_roots)
+from nemo_gym_cli.config.paths import PROJECT_ROOT, base_defaults, search_roots
 
 MODEL_SERVERS, RESOURCES_SERVERS, AGENT_SERVERS = "responses_api_models", "resources_servers", "responses_api_agents"
 SERVER_TYPES = (MODEL_SERVERS, RESOURCES_SERVERS, AGENT_SERVERS)
 RESTART_POLICIES = ("on-failure", "never")
+# Which code serves an instance: ours (a BaseServer subclass, in this Python) or NeMo Gym's own
+# server (its FastAPI app, unmodified, in the Python of `nemo_gym.python`); see locate_impl.
+OURS, NEMO_GYM = "ours", "nemo_gym"
+RUNTIMES = (OURS, NEMO_GYM)
 
 
 @dataclass
@@ -21,6 +27,7 @@ class ServerSpec:
     impl: str  # folder name, e.g. vllm_model
     config: dict  # the fields under <impl>
     folder: Path | None = None  # resolved impl folder
+    runtime: str = OURS  # OURS | NEMO_GYM (locate_impl)
 
     @property
     def where(self) -> str:
@@ -36,6 +43,10 @@ class ServerSpec:
         """How many processes serve this instance (`replicas: N`, default 1; checked by validate_servers)."""
         value = self.config.get("replicas", 1)
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+    def label(self, replica: int) -> str:
+        """How logs and reports name one replica: `env`, or `env#1` when it has several."""
+        return self.name if self.replicas == 1 else f"{self.name}#{replica}"
 
     @property
     def restart(self) -> str:
@@ -54,24 +65,49 @@ def _looks_like_server(value: Any) -> bool:
     )
 
 
-def server_specs(config: dict) -> dict[str, ServerSpec]:
+def server_specs(config: dict, sources: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, ServerSpec]:
+    """Every server instance of the config; `sources` (top-level key -> config file) lets a NeMo
+    Gym server be found in the tree of the config file that names it."""
     specs = {}
+    nemo_roots = None
     for name, value in config.items():
         if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SERVER_TYPES:
             server_type, impls = next(iter(value.items()))
             if isinstance(impls, dict) and len(impls) == 1:
                 impl, fields = next(iter(impls.items()))
                 if isinstance(fields, dict):
-                    specs[name] = ServerSpec(name, server_type, impl, fields, find_impl_folder(server_type, impl))
+                    if nemo_roots is None:
+                        nemo_roots = nemo_gym_roots(config)
+                    runtime, folder = locate_impl(server_type, impl, fields, cwd=cwd, nemo_roots=nemo_roots,
+                                                  config_file=(sources or {}).get(name))
+                    specs[name] = ServerSpec(name, server_type, impl, fields, folder, runtime)
     return specs
 
 
-def find_impl_folder(server_type: str, impl: str, cwd: Path | None = None) -> Path | None:
-    for root in search_roots(cwd):
+def locate_impl(server_type: str, impl: str, fields: dict, *, cwd: Path | None = None, nemo_roots: list[Path] = (),
+                config_file: str | None = None) -> tuple[str, Path | None]:
+    """(runtime, folder) of `<server_type>/<impl>`, looked up in the current folder, our project,
+    the NeMo Gym tree, then the tree of the config file naming it. A folder of our project is
+    ours; one in the current folder is ours unless its entrypoint imports nemo_gym; one found
+    only in a NeMo Gym tree (or a config file's) is NeMo Gym's. `runtime:` on the instance
+    forces either (nemo_gym skips our project's folder of the same name)."""
+    forced = fields.get("runtime")
+    entrypoint = str(fields.get("entrypoint", "app.py"))
+    if forced != NEMO_GYM:
+        for root in search_roots(cwd):
+            folder = root / server_type / impl
+            if folder.is_dir():
+                nemo = forced != OURS and root.resolve() != PROJECT_ROOT and imports_nemo_gym(folder / entrypoint)
+                return (NEMO_GYM if nemo else OURS), folder
+        if forced == OURS:
+            return OURS, None
+    roots = [r for r in search_roots(cwd) if r.resolve() != PROJECT_ROOT] if forced == NEMO_GYM else []
+    tree = config_file_tree(config_file, server_type, impl)
+    for root in [*roots, *nemo_roots, *([tree] if tree else [])]:
         folder = root / server_type / impl
         if folder.is_dir():
-            return folder
-    return None
+            return NEMO_GYM, folder
+    return (NEMO_GYM if forced == NEMO_GYM else OURS), None
 
 
 def _iter_refs(obj: Any, path: str):
@@ -89,8 +125,9 @@ def _iter_refs(obj: Any, path: str):
 
 
 def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = None) -> list[str]:
-    problems = []
-    specs = server_specs(config)
+    problems = nemo_gym_problems(config)
+    specs = server_specs(config, sources, cwd)
+    nemo_roots = nemo_gym_roots(config)
     for name, value in config.items():
         if name in specs or not _looks_like_server(value):
             continue
@@ -104,21 +141,26 @@ def validate_servers(config: dict, sources: dict[str, str], cwd: Path | None = N
     for name, spec in specs.items():
         where = sources.get(name, "config")
         key = f"{name}.{spec.server_type}.{spec.impl}"
-        folder = find_impl_folder(spec.server_type, spec.impl, cwd)
+        folder = spec.folder
+        if spec.config.get("runtime", OURS) not in RUNTIMES:
+            problems.append(f"{where}: '{key}.runtime' must be one of {', '.join(RUNTIMES)}, got {spec.config['runtime']!r}")
         if folder is None:
-            existing = sorted(
-                {p.name for r in search_roots(cwd) if (r / spec.server_type).is_dir() for p in (r / spec.server_type).iterdir() if p.is_dir() and not p.name.startswith("_")}
-            )
+            roots = [*search_roots(cwd), *nemo_roots]
+            folders = [r / spec.server_type for r in roots if (r / spec.server_type).is_dir()]
+            existing = sorted({p.name for d in folders for p in d.iterdir() if p.is_dir() and not p.name.startswith("_")})
             hint = difflib.get_close_matches(spec.impl, existing, n=1)
             problems.append(
                 f"{where}: '{key}': no folder '{spec.server_type}/{spec.impl}'"
                 + (f" (did you mean '{hint[0]}'?)" if hint else f" (available: {', '.join(existing) or 'none'})")
+                + ("" if nemo_gym_python(config) else f"; if it is a NeMo Gym server, {INSTALL_HINT}")
             )
         elif "entrypoint" not in spec.config:
             problems.append(f"{where}: '{key}': missing 'entrypoint' (e.g. entrypoint: app.py)")
         elif not (folder / str(spec.config["entrypoint"])).is_file():
             problems.append(f"{where}: '{key}.entrypoint': file '{folder / str(spec.config['entrypoint'])}' not found")
         problems.extend(_check_scaling(config, spec, where, key))
+        if spec.runtime == NEMO_GYM:
+            problems.extend(_check_nemo_gym(config, specs, spec, where, key))
         for path, ref_type, ref_name in _iter_refs(spec.config, key):
             target = specs.get(ref_name)
             if target is not None and target.server_type == ref_type:
@@ -150,6 +192,23 @@ def _check_scaling(config: dict, spec: ServerSpec, where: str, key: str) -> list
                         f"port: remove 'port' (each replica binds a free one and registers it)")
     if spec.restart not in RESTART_POLICIES:
         problems.append(f"{where}: '{key}.restart' must be one of {', '.join(RESTART_POLICIES)}, got {spec.config.get('restart')!r}")
+    return problems
+
+
+def _check_nemo_gym(config: dict, specs: dict[str, ServerSpec], spec: ServerSpec, where: str, key: str) -> list[str]:
+    """A NeMo Gym server: a Python to run it, one process, and one address for each server it calls."""
+    problems = []
+    if spec.folder is not None and not nemo_gym_python(config):
+        problems.append(f"{where}: '{key}' is a NeMo Gym server ({spec.folder}), which runs in a Python with "
+                        f"nemo-gym installed: {INSTALL_HINT}")
+    if spec.config.get("replicas", 1) != 1:
+        problems.append(f"{where}: '{key}.replicas': a NeMo Gym server runs as one process at one host:port "
+                        f"(its own `num_workers` runs more workers behind it)")
+    for path, _, ref_name in _iter_refs(spec.config, key):
+        target = specs.get(ref_name)
+        if target is not None and target.replicas > 1:
+            problems.append(f"{where}: '{path}': NeMo Gym servers call one host:port, but '{ref_name}' has "
+                            f"{target.replicas} replicas: set replicas: 1 on '{ref_name}'")
     return problems
 
 

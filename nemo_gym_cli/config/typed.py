@@ -22,8 +22,9 @@ from nemo_gym_cli.config.paths import parse_url_list
 
 # Keys of an instance that the graph reads (or NeMo Gym configs carry), not the server itself.
 GRAPH_KEYS = frozenset({
-    "entrypoint", "host", "port", "replicas", "restart", "ray_actor_options",
-    "datasets", "domain", "description", "verified", "verified_url", "license", "value",
+    "entrypoint", "host", "port", "replicas", "restart", "ray_actor_options", "runtime",
+    # NeMo Gym's own instance keys (its configs carry them; our kinds accept and ignore them)
+    "datasets", "domain", "description", "verified", "verified_url", "license", "value", "num_workers", "name",
 })
 
 
@@ -119,6 +120,12 @@ def _build(cls: type, raw: dict, where: str, problems: list[str]) -> Any:
     if problems:
         return None
     return cls(**values)
+
+
+def url_list_fields(cls: type) -> list[str]:
+    """The fields of a config dataclass typed UrlList (e.g. a model adapter's base_url)."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if hints.get(f.name) is UrlList]
 
 
 def load_config(cls: type, raw: dict, where: str) -> Any:

@@ -1,7 +1,10 @@
 """Servers of the graph in a process of their own (started and supervised by ng_run).
 
 python -m nemo_gym_cli.graph.child CONFIG_JSON INSTANCE_NAME [REPLICA]   one replica of one server
-python -m nemo_gym_cli.graph.child CONFIG_JSON --colocated               every server, one process
+python -m nemo_gym_cli.graph.child CONFIG_JSON --colocated [NAME ...]    these servers (default: all), one process
+
+CONFIG_JSON is a file, or `-`: read from stdin (as ng_run passes it, so that the config with its
+secrets is never written to disk).
 
 Binds its own port (0 unless configured), registers {name, url, pid, replica, node} with the
 head server, serves until SIGTERM/SIGINT, then shuts down cleanly (host.py does the work).
@@ -16,7 +19,7 @@ import sys
 import orjson
 
 from nemo_gym_cli.config import secret_values, server_specs
-from nemo_gym_cli.graph.build import COLOCATED_ARG
+from nemo_gym_cli.graph.build import COLOCATED_ARG, STDIN_ARG
 from nemo_gym_cli.graph.host import host_servers
 from nemo_gym_cli.serving.logs import setup_logging
 from nemo_gym_cli.serving.runtime import run_async
@@ -35,10 +38,15 @@ async def main_async(config: dict, names: list[str], replica: int) -> int:
 
 def main() -> None:
     config_path, target = sys.argv[1], sys.argv[2]
-    with open(config_path, "rb") as f:
-        config = orjson.loads(f.read())
-    names = list(server_specs(config)) if target == COLOCATED_ARG else [target]
-    replica = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    if config_path == STDIN_ARG:
+        config = orjson.loads(sys.stdin.buffer.read())
+    else:
+        with open(config_path, "rb") as f:
+            config = orjson.loads(f.read())
+    if target == COLOCATED_ARG:
+        names, replica = sys.argv[3:] or list(server_specs(config)), 0
+    else:
+        names, replica = [target], int(sys.argv[3]) if len(sys.argv) > 3 else 0
     setup_logging(secrets=secret_values(config))
     sys.exit(run_async(main_async(config, names, replica)))
 

@@ -6,17 +6,27 @@ address of the machine it runs on, for a Ray actor) (no bind-then-close port rac
 one entry per replica. A replica that exits loses its url until it registers again; a
 restart (counted in `restarts`) keeps its entry. `GET /config` shows the resolved config
 with secrets masked. It is one of our servers: same routing, JSON errors and /metrics.
+
+It also answers NeMo Gym's head routes, so NeMo Gym's own ng_collect_rollouts runs against our
+graph: `GET /global_config_dict_yaml` (the masked config as a YAML string, each server's host and
+port from its registration) and `GET /server_instances`.
 """
 
 from __future__ import annotations
 
+import copy
 import socket
 import time
 from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
 
 from nemo_gym_cli.config import ServerSpec, mask_secrets
+from nemo_gym_cli.config.specs import NEMO_GYM
 from nemo_gym_cli.graph.build import RunningServer, serve
-from nemo_gym_cli.graph.collections import CollectionsBoard
+from nemo_gym_cli.graph.progress_board import CollectionsBoard
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
@@ -33,15 +43,24 @@ class HeadServer(BaseServer):
     def __init__(self, config: dict, specs: dict[str, ServerSpec]):
         super().__init__("head server", {}, global_config=config)
         self.masked_config = mask_secrets(config)
+        self.specs = specs
         self.started_at = time.time()
+        # probe_path: what answers when it serves (NeMo Gym's servers have no /health, only GET /).
         self.servers: dict[tuple[str, int], dict] = {
             (name, r): {"name": name, "server_type": s.server_type, "impl": s.impl, "replica": r, "url": None,
-                        "pid": None, "node": None, "host": None, "state": "starting", "restarts": 0}
+                        "pid": None, "node": None, "host": None, "state": "starting", "restarts": 0, "runtime": s.runtime,
+                        "probe_path": "/" if s.runtime == NEMO_GYM else "/health"}
             for name, s in specs.items() for r in range(s.replicas)
         }
         self.running: RunningServer | None = None
         self.collections = CollectionsBoard()  # progress of running ng_collect_rollouts
         self.url = ""
+
+    @property
+    def host_and_port(self) -> tuple[str, int]:
+        """Where it listens, from its URL (the port it got when the configured one was 0)."""
+        host, port = self.url.split("//", 1)[1].rsplit(":", 1)
+        return host, int(port)
 
     async def start(self, host: str, port: int) -> str:
         self.running = await serve(self, host, port)
@@ -51,9 +70,6 @@ class HeadServer(BaseServer):
     async def stop(self) -> None:
         if self.running is not None:
             await self.running.stop()
-
-    def entry(self, name: str, replica: int = 0) -> dict:
-        return self.servers[(name, replica)]
 
     def register(self, name: str, url: str, pid: int, replica: int = 0, node: str | None = None,
                  host: str | None = None) -> dict:
@@ -81,19 +97,19 @@ class HeadServer(BaseServer):
         self.set_state(name, replica, "restarting")
         self.servers[(name, replica)]["restarts"] += 1
 
-    @route("/health", "GET")
+    @route(HeadClient.HEALTH, "GET")
     async def health(self, body: Any, ctx: RequestContext) -> Any:
         return {"status": "ok", "servers": len({name for name, _ in self.servers})}
 
-    @route("/servers", "GET")
+    @route(HeadClient.SERVERS, "GET")
     async def list_servers(self, body: Any, ctx: RequestContext) -> Any:
         return list(self.servers.values())
 
-    @route("/config", "GET")
+    @route(HeadClient.CONFIG, "GET")
     async def show_config(self, body: Any, ctx: RequestContext) -> Any:
         return self.masked_config
 
-    @route("/register")
+    @route(HeadClient.REGISTER)
     async def register_server(self, body: Any, ctx: RequestContext) -> Any:
         try:
             node, host = body.get("node"), body.get("host")
@@ -104,7 +120,7 @@ class HeadServer(BaseServer):
                                  f"of a configured server replica") from None
         return {}
 
-    @route("/collections/progress")
+    @route(HeadClient.PROGRESS)
     async def collection_progress(self, body: Any, ctx: RequestContext) -> Any:
         try:
             self.collections.update(body)
@@ -112,6 +128,41 @@ class HeadServer(BaseServer):
             raise HTTPError(400, f"bad collection progress: {e}") from None
         return {}
 
-    @route("/collections", "GET")
+    @route(HeadClient.COLLECTIONS, "GET")
     async def list_collections(self, body: Any, ctx: RequestContext) -> Any:
         return self.collections.list()
+
+    # ------------------------------------------------------------ NeMo Gym's head routes
+    def _first_live(self, name: str) -> dict | None:
+        return next((e for (n, _), e in self.servers.items() if n == name and e["url"]), None)
+
+    @route(HeadClient.GLOBAL_CONFIG_YAML, "GET")
+    async def global_config_dict_yaml(self, body: Any, ctx: RequestContext) -> Any:
+        """The masked config as YAML (a JSON string, as NeMo Gym's head answers), with every serving
+        server's host and port (its first live replica) and this head server's address."""
+        config = copy.deepcopy(self.masked_config)
+        for name, spec in self.specs.items():
+            entry = self._first_live(name)
+            if entry is None or name not in config:
+                continue
+            url = urlsplit(entry["url"])
+            fields = config[name][spec.server_type][spec.impl]
+            fields["host"], fields["port"] = url.hostname, url.port
+        url = urlsplit(self.url)
+        config["head_server"] = {**(config.get("head_server") or {}), "host": url.hostname, "port": url.port}
+        return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+    @route(HeadClient.SERVER_INSTANCES, "GET")
+    async def server_instances(self, body: Any, ctx: RequestContext) -> Any:
+        """NeMo Gym's view of the servers: one entry per replica."""
+        out = []
+        for (name, _), e in self.servers.items():
+            spec = self.specs[name]
+            url = urlsplit(e["url"]) if e["url"] else None
+            out.append({"process_name": name, "config_path": name, "server_type": e["server_type"], "name": e["impl"],
+                        "dir_path": str(spec.folder) if spec.folder else None,
+                        "entrypoint": spec.config.get("entrypoint"), "host": url.hostname if url else None,
+                        "port": url.port if url else None, "url": e["url"], "pid": e["pid"], "start_time": self.started_at,
+                        "status": "success" if e["state"] in SERVING else "connection_error",
+                        "uptime_seconds": time.time() - self.started_at, "replica": e["replica"], "runtime": e["runtime"]})
+        return out

@@ -14,7 +14,9 @@ from typing import Callable
 from nemo_gym_cli.config import head_url, server_specs
 from nemo_gym_cli.graph.build import RunningServer, bind_address, build_server, serve
 from nemo_gym_cli.serving.base import BaseServer
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.head_client import HeadClient
+from nemo_gym_cli.serving.errors import ServerCallError
 
 
 async def host_servers(config: dict, names: list[str], replica: int, stop: asyncio.Event, *,
@@ -53,10 +55,8 @@ async def host_servers(config: dict, names: list[str], replica: int, stop: async
     node = node or socket.gethostname()
     for name, r in zip(names, running):
         try:
-            await client.request_json("POST", f"{client.head_url}/register",
-                                      {"name": name, "url": r.url, "pid": os.getpid(), "replica": replica, "node": node,
-                                       "host": host},
-                                      server="head server", timeout_s=10)
+            await HeadClient(client).register({"name": name, "url": r.url, "pid": os.getpid(), "replica": replica, "node": node,
+                                             "host": host})
         except ServerCallError as e:
             print(f"server '{name}' cannot register with the head server: {e}", file=sys.stderr)
             await _stop(running, client)

@@ -11,7 +11,6 @@ a crash stops the graph), with backoff; a restart storm stops the graph with the
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import tempfile
@@ -22,20 +21,31 @@ from typing import Callable
 import orjson
 from rich.table import Table
 
-from nemo_gym_cli.config import Composed, ServerSpec, head_address, secret_values
-from nemo_gym_cli.graph import ray_runner
-from nemo_gym_cli.graph.build import COLOCATED_ARG
+from nemo_gym_cli.config import Composed, ConfigError, ServerSpec, head_address, secret_values
+from nemo_gym_cli.graph import leftovers, nemo_runtime, ray_runner
+from nemo_gym_cli.graph.build import COLOCATED_ARG, STDIN_ARG
 from nemo_gym_cli.graph.head import HeadServer, node_label
 from nemo_gym_cli.graph.preflight import backends_table, preflight_models
 from nemo_gym_cli.graph.processes import LocalProcess
-from nemo_gym_cli.graph.supervisor import ReplicaRunner, RestartPolicy, Supervisor
+from nemo_gym_cli.graph.supervisor import Liveness, ReplicaRunner, RestartPolicy, Supervisor
 from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.serving.logs import make_console, scrub
 
 console = make_console(stderr=True)
 
-# (config file for children, spec, replica) -> the runner of that replica; see supervisor.py.
-RunnerFactory = Callable[[Path, ServerSpec, int], ReplicaRunner]
+HELP = """usage: ng_run "+config_paths=[a.yaml,b.yaml]" [+key=value ...]
+
+Start the server graph: a head server (registry) plus one process per server instance in the
+config (or all in one child process with +colocate=true). Prints a table of servers when all answer
+/health; restarts a server that crashes or stops answering /health (+liveness.*); ends what a
+killed ng_run left behind; Ctrl-C or SIGTERM stops everything.
+
+Config layers, lowest to highest: conf/ defaults < config_paths files < env.yaml < command line.
+Common keys: +head_server.port=11000 +colocate=false +ready_timeout_s=60 +log_dir=logs
+"""
+
+# (spec, replica) -> the runner of that replica; see supervisor.py.
+RunnerFactory = Callable[[ServerSpec, int], ReplicaRunner]
 
 
 class Launcher:
@@ -43,6 +53,9 @@ class Launcher:
         self.composed = composed
         self.config = composed.config
         self.specs = composed.servers
+        self.nemo_specs = nemo_runtime.nemo_specs(self.specs)
+        if self.nemo_specs:  # they read their peers' addresses once: every port fixed, before anything starts
+            nemo_runtime.assign_fixed_ports(self.config, self.specs)
         self.secrets = secret_values(self.config)
         self.head = HeadServer(self.config, self.specs)
         self.runner_factory = runner_factory or self._local_process
@@ -51,9 +64,15 @@ class Launcher:
         self.stop_event = asyncio.Event()
         self.exit_code = 0
         self.backend_reports: dict[str, dict] = {}
-        self.tmpdir = tempfile.TemporaryDirectory(prefix="ng_run_")
+        self.tmpdir = tempfile.TemporaryDirectory(prefix=leftovers.PREFIX)  # the graph's state folder
+        self.graph_state = leftovers.GraphState(Path(self.tmpdir.name))
+        self.child_config = b""
+        self.liveness = Liveness.from_config(self.config)
+        self.probe_client = ServerClient({"max_retries": 0})  # liveness probes of every server
 
     async def run(self) -> int:
+        for line in leftovers.end_leftovers(Path(self.tmpdir.name).parent):
+            console.print(f"ng_run: {line}", style="yellow", markup=False)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -68,9 +87,9 @@ class Launcher:
         try:
             if not self.specs:
                 console.print("[yellow]ng_run: the config defines no servers (did you pass +config_paths=[...]?)[/yellow]")
-            self._start_supervisors()
-            ready = await self._wait_ready(float(self.config.get("ready_timeout_s", 60)))
-            if ready and self.config.get("preflight", True) is not False:
+            await self._start_supervisors()
+            ready = await self._wait_ready(float(self.config["ready_timeout_s"]))
+            if ready and self.config["preflight"] is not False:
                 ready = await self._preflight()
             if ready:
                 self._print_table(time.monotonic() - t0)
@@ -90,40 +109,59 @@ class Launcher:
         self.stop_event.set()
 
     # ------------------------------------------------------------ start
-    def _start_supervisors(self) -> None:
-        config_file = Path(self.tmpdir.name) / "config.json"
-        # The resolved config (with secrets) goes to children through a file only we can read.
-        fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(orjson.dumps(self._config_for_children()))
+    async def _start_supervisors(self) -> None:
+        await self._start_nemo_gym_servers()
+        # The resolved config (with secrets) goes to our children through their stdin, never to disk.
+        self.child_config = orjson.dumps(self._config_for_children())
         if self.config.get("log_dir"):
             Path(self.config["log_dir"]).mkdir(parents=True, exist_ok=True)
+        ours = [s for s in self.specs.values() if s not in self.nemo_specs]
         if self.config.get("colocate"):
-            # One process for all: restart it unless an instance says never (its crash is everyone's).
-            runner: ReplicaRunner = LocalProcess("colocated", [(n, 0) for n in self.specs], [str(config_file), COLOCATED_ARG],
-                                                 self.secrets, self.config.get("log_dir"))
-            never = any(s.restart == "never" for s in self.specs.values())
+            # One process for all of ours: restart it unless an instance says never (its crash is everyone's).
+            names = [s.name for s in ours]
+            runner: ReplicaRunner = LocalProcess("colocated", [(n, 0) for n in names], [STDIN_ARG, COLOCATED_ARG, *names],
+                                                 self.secrets, self.config.get("log_dir"), config=self.child_config,
+                                                 on_started=self.graph_state.child_started)
+            never = any(s.restart == "never" for s in ours)
             self._supervise(runner, None if never else RestartPolicy.from_config(self.config))
             return
-        for spec in self.specs.values():
+        for spec in ours:
             for replica in range(spec.replicas):
                 policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
-                self._supervise(self.runner_factory(config_file, spec, replica), policy)
+                self._supervise(self.runner_factory(spec, replica), policy)
+
+    async def _start_nemo_gym_servers(self) -> None:
+        """NeMo Gym's own servers (nemo_runtime.py), on one Ray cluster: +ray.address, else a Ray head
+        of ours, started first and supervised with the graph (its death stops the graph)."""
+        if not self.nemo_specs:
+            return
+        ray_address = ray_runner.ray_address(self.config)
+        if not ray_address:
+            ray_head = nemo_runtime.RayHead(self.config, Path(self.tmpdir.name) / "ray", self.secrets)
+            self._supervise(ray_head, None)  # its supervisor starts it
+            await ray_head.wait_serving()
+            ray_address = ray_head.address
+        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.url, ray_address)
+        for spec in self.nemo_specs:
+            policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
+            self._supervise(nemo_runtime.NemoGymProcess(spec, self.config, dict_yaml, self.head, self.secrets), policy)
 
     def _supervise(self, runner: ReplicaRunner, policy: RestartPolicy | None) -> None:
-        supervisor = Supervisor(runner, self.head, policy, lambda text: console.print(text, style="yellow", markup=False))
+        supervisor = Supervisor(runner, self.head, policy, lambda text: console.print(text, style="yellow", markup=False),
+                                self.liveness, self.probe_client.health_problem)
         self.supervisors.append(supervisor)
         self.tasks[asyncio.create_task(supervisor.run())] = supervisor
 
-    def _local_process(self, config_file: Path, spec: ServerSpec, replica: int) -> ReplicaRunner:
-        label = spec.name if spec.replicas == 1 else f"{spec.name}#{replica}"
-        args = [str(config_file), spec.name] + ([str(replica)] if replica else [])
-        return LocalProcess(label, [(spec.name, replica)], args, self.secrets, self.config.get("log_dir"))
+    def _local_process(self, spec: ServerSpec, replica: int) -> ReplicaRunner:
+        label = spec.label(replica)
+        args = [STDIN_ARG, spec.name] + ([str(replica)] if replica else [])
+        return LocalProcess(label, [(spec.name, replica)], args, self.secrets, self.config.get("log_dir"),
+                            config=self.child_config, on_started=self.graph_state.child_started)
 
     def _config_for_children(self) -> dict:
         config = dict(self.config)
         host, _ = head_address(self.config)  # the port it got (the configured one, or any free one)
-        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": int(self.head.url.rsplit(":", 1)[1])}
+        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": self.head.host_and_port[1]}
         return config
 
     # ------------------------------------------------------------ readiness and watching
@@ -136,11 +174,11 @@ class Launcher:
                 if self.stop_event.is_set() or self._ended():
                     return False
                 for key in list(pending):
-                    url = self.head.servers[key]["url"]
-                    if url is None:
+                    entry = self.head.servers[key]
+                    if entry["url"] is None:
                         continue
                     try:
-                        await probe.request_json("GET", f"{url}/health", server=key[0], timeout_s=2, retries=0)
+                        await probe.request_json("GET", entry["url"] + entry["probe_path"], server=key[0], timeout_s=2, retries=0)
                         pending.discard(key)
                         self.head.set_state(*key, "ready")
                     except Exception:
@@ -218,18 +256,27 @@ class Launcher:
 
     # ------------------------------------------------------------ stop
     async def _stop_all(self) -> None:
-        grace = float(self.config.get("stop_grace_s", 10))
+        grace = float(self.config["stop_grace_s"])
         for supervisor in self.supervisors:
             supervisor.stopping = True
         for task in self.tasks:
             task.cancel()  # a supervisor waiting out a backoff stops waiting
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await asyncio.gather(*(s.stop(grace) for s in self.supervisors), return_exceptions=True)
+        # The Ray head last: NeMo Gym's servers leave its cluster first.
+        ray_heads = [s for s in self.supervisors if isinstance(s.runner, nemo_runtime.RayHead)]
+        await asyncio.gather(*(s.stop(grace) for s in self.supervisors if s not in ray_heads), return_exceptions=True)
+        await asyncio.gather(*(s.stop(grace) for s in ray_heads), return_exceptions=True)
         await self.head.stop()
+        await self.probe_client.close()
         self.tmpdir.cleanup()
 
 
 async def run_graph(composed: Composed) -> int:
+    try:
+        Liveness.from_config(composed.config)  # checked before anything starts
+    except ConfigError as e:
+        console.print(f"ng_run: {e.render()}", style="red", markup=False)
+        return 2
     if not ray_runner.ray_address(composed.config):
         return await Launcher(composed).run()
     # On a Ray cluster: the same launcher, with every replica a Ray actor (ray_runner.py).
@@ -249,7 +296,7 @@ async def run_graph(composed: Composed) -> int:
         console.print(f"ng_run: {e}", style="red", markup=False)
         ray.shutdown()
         return 1
-    launcher.runner_factory = replicas.factory
+    launcher.runner_factory = replicas.runner
     try:
         return await launcher.run()
     finally:

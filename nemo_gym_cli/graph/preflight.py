@@ -1,5 +1,5 @@
 """ng_run's side of the preflight: ask every model adapter to check its backends (they run the
-checks: routing/preflight.py), print the warnings, and stop the graph on an error (exit 2)."""
+checks: model_adapter/backend_checks.py), print the warnings, and stop the graph on an error (exit 2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from nemo_gym_cli.config import MODEL_SERVERS
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
 
 
 async def preflight_models(servers: list[dict], timeout_s: float = 30.0) -> tuple[list[str], list[str], dict[str, dict]]:

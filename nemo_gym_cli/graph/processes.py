@@ -3,7 +3,8 @@
 Its output is scrubbed of secrets, prefixed with its label on ng_run's stderr, appended to
 `<log_dir>/<label>.log` when configured, and its last lines kept for the report when it dies.
 It runs in its own process group (stopping it stops what it started) and gets SIGTERM if
-ng_run itself dies, even by SIGKILL.
+ng_run itself dies, even by SIGKILL. The resolved config (secrets included) reaches it through
+its stdin, never a file: nothing with secrets outlives the graph on disk.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 from nemo_gym_cli.serving.logs import scrub
 
@@ -33,8 +35,17 @@ class LocalProcess:
     """A ReplicaRunner (see supervisor.py) for one child process; each start() is a new process."""
 
     def __init__(self, label: str, members: list[tuple[str, int]], child_args: list[str], secrets: set[str],
-                 log_dir: str | None):
+                 log_dir: str | None, *, command: list[str] | None = None, cwd: str | None = None,
+                 env: dict[str, str] | None = None, config: bytes | None = None,
+                 on_started: Callable[[str, int], None] | None = None):
+        """`child_args` of our child module; or `command` run as is (NeMo Gym's servers, a Ray
+        head) in `cwd`, with `env` as its whole environment. `config`: the resolved config as JSON,
+        written to its stdin (child.py reads it there); `on_started(label, pid)`: told of every new
+        process (the graph's leftovers record)."""
         self.label, self.members, self.child_args, self.secrets = label, members, child_args, secrets
+        self.command = command or [sys.executable, "-m", "nemo_gym_cli.graph.child", *child_args]
+        self.cwd, self.env = cwd, env
+        self.config, self.on_started = config, on_started
         self.log_path = Path(log_dir) / f"{label}.log" if log_dir else None
         self.proc: asyncio.subprocess.Process | None = None
         self.pump: asyncio.Task | None = None
@@ -47,11 +58,22 @@ class LocalProcess:
     async def start(self) -> None:
         self.lines.clear()  # the report of a death shows the lines of that life
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nemo_gym_cli.graph.child", *self.child_args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, preexec_fn=_die_with_parent,
+            *self.command, cwd=self.cwd,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL if self.config is None else asyncio.subprocess.PIPE,
+            env=self.env or {**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, preexec_fn=_die_with_parent,
         )
+        if self.on_started is not None:
+            self.on_started(self.label, self.proc.pid)
         self.pump = asyncio.create_task(self._pump(self.proc))
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write(self.config)
+                await self.proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it died at once: wait() reports how
+            finally:
+                self.proc.stdin.close()
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -80,6 +102,10 @@ class LocalProcess:
 
     def last_lines(self) -> list[str]:
         return list(self.lines)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            _signal_group(self.proc, signal.SIGKILL)  # ends a stopped (SIGSTOP) process too
 
     async def stop(self, grace_s: float) -> None:
         proc = self.proc

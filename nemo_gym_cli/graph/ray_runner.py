@@ -22,6 +22,7 @@ import socket
 from typing import Any, Callable
 
 from nemo_gym_cli.config import ServerSpec
+from nemo_gym_cli.graph.processes import LAST_LINES
 
 PLACEMENTS = ("spread", "pack")
 DEFAULT_ACTOR_OPTIONS = {"max_restarts": 3, "max_concurrency": 4}  # ready/wait/stop calls may overlap
@@ -47,7 +48,7 @@ def placement_of(config: dict) -> str:
 
 
 def check_ray_config(config: dict, specs: dict[str, ServerSpec]) -> list[str]:
-    """Problems with `ray.*`, `ray_actor_options` and `ray_placement`, one line each."""
+    """Problems with `ray.*` (address, placement) and `ray_actor_options`, one line each."""
     problems = []
     for name, spec in specs.items():
         options = spec.config.get("ray_actor_options")
@@ -133,8 +134,10 @@ async def expose(head: Any, host: str, port: int) -> None:
     """Serve the head server on `host` too (it keeps its loopback address for ng_status and the collector)."""
     from aiohttp import web
 
+    from nemo_gym_cli.graph.build import LISTEN_BACKLOG
+
     try:
-        await web.TCPSite(head.running.runner, host, port, backlog=4096).start()
+        await web.TCPSite(head.running.runner, host, port, backlog=LISTEN_BACKLOG).start()
     except OSError as e:
         raise RayUnavailable(f"cannot serve the head server for the actors on {host}:{port} ({e.strerror}): "
                              f"+ray.head_server_host must be an address of this machine") from None
@@ -170,31 +173,26 @@ def _settle(waiter: asyncio.Future, done: Any) -> None:
 class RayReplicas:
     """Makes one ReplicaRunner (supervisor.py) per replica; owns the instances' placement groups.
 
-    Used as ng_run's runner factory: `factory(config_file, spec, replica)` (the config file is
-    for local children; actors get the config as an argument, since other nodes do not share
-    this node's files). `head` is ng_run's HeadServer, already started.
+    Used as ng_run's runner factory: `factory(spec, replica)` (actors get the config as an
+    argument). `head` is ng_run's HeadServer, already started.
     """
 
     def __init__(self, ray: Any, config: dict, head: Any, say: Callable[[str], None]):
         from nemo_gym_cli.graph.ray_replica import ReplicaActor
 
         self.ray, self.config, self.head, self.say = ray, config, head, say
-        self.ready_timeout_s = float(config.get("ready_timeout_s", 60))
+        self.ready_timeout_s = float(config["ready_timeout_s"])
         self.actor_class = ray.remote(ReplicaActor)
         self.groups: dict[str, Any] = {}
         self.head_host = head_server_host(ray, config)
         self._actor_config: dict | None = None
         self._exposing = asyncio.Lock()
 
-    def factory(self, config_file: Any, spec: ServerSpec, replica: int) -> "RayReplica":
-        return self.runner(spec, replica)
-
     async def actor_config(self) -> dict:
         """The config actors get: the head server at an address every node can reach."""
         async with self._exposing:
             if self._actor_config is None:
-                host, port = self.head_host, int(self.head.url.rsplit(":", 1)[1])
-                bound = self.head.url.split("//", 1)[1].rsplit(":", 1)[0]
+                host, (bound, port) = self.head_host, self.head.host_and_port
                 if host != bound and bound not in ("0.0.0.0", "[::]"):
                     await expose(self.head, host, port)
                 self._actor_config = {**self.config, "head_server": {**(self.config.get("head_server") or {}),
@@ -246,12 +244,12 @@ class RayReplica:
 
     def __init__(self, owner: RayReplicas, spec: ServerSpec, replica: int, options: dict):
         self.owner, self.spec, self.replica, self.options = owner, spec, replica, options
-        self.label = spec.name if spec.replicas == 1 else f"{spec.name}#{replica}"
+        self.label = spec.label(replica)
         self.members = [(spec.name, replica)]
         self.actor: Any = None
         self.pid: int | None = None
         self._failed = False
-        self.lines: collections.deque[str] = collections.deque(maxlen=40)
+        self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES)
 
     async def start(self) -> None:
         self._failed, self.pid = False, None
@@ -304,6 +302,11 @@ class RayReplica:
 
     def last_lines(self) -> list[str]:
         return list(self.lines)
+
+    def kill(self) -> None:
+        """Kill its process; Ray restarts it (max_restarts) as after a crash, wait() sees to the rest."""
+        if self.actor is not None:
+            self.owner.ray.kill(self.actor, no_restart=False)
 
     async def stop(self, grace_s: float) -> None:
         actor, self.actor = self.actor, None

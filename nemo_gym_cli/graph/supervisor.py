@@ -1,5 +1,6 @@
 """Keeping the graph's processes up: a replica runner (how one is started), a restart policy,
-and the supervisor that restarts a runner that exits unexpectedly.
+liveness probes, and the supervisor that restarts a runner that exits unexpectedly or stops
+answering its /health (frozen: SIGSTOP, a deadlock; it is killed first, then restarted).
 
 A `ReplicaRunner` starts one unit of the graph: one replica of one server, or the co-located
 process hosting every server. `processes.LocalProcess` is a child process of ng_run; another
@@ -13,9 +14,14 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
+from nemo_gym_cli.config.typed import load_config
+from nemo_gym_cli.config.paths import conf_defaults
 from nemo_gym_cli.graph.head import HeadServer
+
+# (server url, timeout) -> None if its /health answers in time, else why not (ServerClient.health_problem).
+Probe = Callable[[str, float], Awaitable["str | None"]]
 
 
 class ReplicaRunner(Protocol):
@@ -36,26 +42,30 @@ class ReplicaRunner(Protocol):
     async def stop(self, grace_s: float) -> None:
         """Stop it (and what it started), killing it after `grace_s`; idempotent."""
 
+    def kill(self) -> None:
+        """End it now, without a grace period (it stopped answering); wait() then reports the exit."""
+
     def last_lines(self) -> list[str]:
         """Its last log lines, for the report when it dies."""
 
 
 @dataclass
 class RestartPolicy:
-    """Backoff 0.5 s doubling to 8 s; more than `max_restarts` within `window_s` is a storm."""
+    """Backoff `backoff_s` doubling to `max_backoff_s`; more than `max_restarts` within `window_s`
+    is a storm. The defaults: `restarts` in conf/ng_run.yaml."""
 
-    backoff_s: float = 0.5
-    max_backoff_s: float = 8.0
-    max_restarts: int = 5
-    window_s: float = 60.0
+    backoff_s: float
+    max_backoff_s: float
+    max_restarts: int
+    window_s: float
     clock: Callable[[], float] = time.monotonic
     _recent: collections.deque = field(default_factory=collections.deque, repr=False)
 
     @classmethod
-    def from_config(cls, config: dict) -> "RestartPolicy":
-        cfg = config.get("restarts") or {}
-        return cls(float(cfg.get("backoff_s", 0.5)), float(cfg.get("max_backoff_s", 8)),
-                   int(cfg.get("max_restarts", 5)), float(cfg.get("window_s", 60)))
+    def from_config(cls, config: dict, clock: Callable[[], float] = time.monotonic) -> "RestartPolicy":
+        cfg = {**conf_defaults("ng_run")["restarts"], **(config.get("restarts") or {})}
+        return cls(float(cfg["backoff_s"]), float(cfg["max_backoff_s"]), int(cfg["max_restarts"]), float(cfg["window_s"]),
+                   clock)
 
     def next_delay(self) -> float | None:
         """The delay before the next restart (and count it), or None: too many restarts lately."""
@@ -69,6 +79,21 @@ class RestartPolicy:
         return delay
 
 
+@dataclass(kw_only=True)
+class Liveness:
+    """`liveness` of ng_run's config; what each field does and its default: conf/ng_run.yaml."""
+
+    interval_s: float
+    timeout_s: float
+    failures: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Liveness | None":
+        """None when probing is off (interval_s: 0)."""
+        liveness = load_config(cls, config.get("liveness") or {}, "liveness")
+        return liveness if liveness.interval_s > 0 else None
+
+
 class Supervisor:
     """Runs one runner for the life of the graph; restarts it per policy (None: never).
 
@@ -77,18 +102,30 @@ class Supervisor:
     """
 
     def __init__(self, runner: ReplicaRunner, head: HeadServer, policy: RestartPolicy | None,
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], liveness: Liveness | None = None, probe: Probe | None = None):
         self.runner, self.head, self.policy, self.say = runner, head, policy, say
+        self.liveness, self.probe = (liveness, probe) if probe is not None else (None, None)
         self.graph_ready = False
         self.stopping = False
         self.restarts = 0
+        self.frozen: str | None = None  # why the current life was killed, if it was
 
     async def run(self) -> str | None:
+        watch = asyncio.create_task(self._watch_liveness()) if self.liveness else None
+        try:
+            return await self._run()
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    async def _run(self) -> str | None:
         await self.runner.start()
         while True:
             how = await self.runner.wait()
             if self.stopping:
                 return None
+            if self.frozen:
+                how, self.frozen = f"{how}, killed because {self.frozen}", None
             for name, replica in self.runner.members:
                 self.head.set_state(name, replica, "exited")
             what = f"server '{self.runner.label}' exited"
@@ -113,3 +150,29 @@ class Supervisor:
     async def stop(self, grace_s: float) -> None:
         self.stopping = True
         await self.runner.stop(grace_s)
+
+    async def _watch_liveness(self) -> None:
+        """Probe every member's /health while it is ready; kill the runner when one stops answering.
+
+        Failures count per process (pid): a replica restarted by someone else (Ray) starts afresh,
+        and a killed one is not probed again."""
+        liveness = self.liveness
+        failed: dict[tuple, int] = {}
+        killed: set = set()
+        while True:
+            await asyncio.sleep(liveness.interval_s)
+            entries = [self.head.servers[m] for m in self.runner.members]
+            live = [e for e in entries if e["state"] == "ready" and e["url"] and e["pid"] not in killed]
+            results = await asyncio.gather(*(self.probe(e["url"], liveness.timeout_s) for e in live))
+            for entry, why in zip(live, results):
+                key = (entry["name"], entry["replica"], entry["pid"])
+                if why is None:
+                    failed.pop(key, None)
+                    continue
+                failed[key] = failed.get(key, 0) + 1
+                if failed[key] >= liveness.failures and not self.stopping and entry["pid"] not in killed:
+                    killed.add(entry["pid"])
+                    self.frozen = (f"'{entry['name']}' stopped answering /health ({failed[key]} probes in a row: {why})")
+                    self.say(f"ng_run: server '{self.runner.label}' (pid {entry['pid']}) is not answering: {self.frozen}; "
+                             f"killing it")
+                    self.runner.kill()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-OUTCOMES = ("ok", "error", "unavailable")
+OUTCOMES = ("ok", "error", "unavailable", "malformed")  # malformed: an answer we could not use
 
 
 def root_of(url: str) -> str:
@@ -19,7 +19,7 @@ class Backend:
     __slots__ = (
         "url", "root_url", "index", "healthy", "in_flight", "sessions",
         "requests", "failovers", "latency_sum_s", "down_reason", "probe_error",
-        "probe_task", "metrics", "calls", "cut",
+        "probe_task", "metrics", "calls", "cut", "malformed_in_a_row", "ejections", "held_until", "last_error",
     )
 
     def __init__(self, url: str, index: int) -> None:
@@ -38,6 +38,10 @@ class Backend:
         self.metrics = None  # BackendMetrics when the router has a registry
         self.calls: set[asyncio.Task] = set()  # tasks awaiting a call here (cancelled if it dies)
         self.cut: set[asyncio.Task] = set()  # of those, the ones the router cancelled
+        self.malformed_in_a_row = 0
+        self.ejections = 0  # times marked down for malformed answers since its last good answer
+        self.held_until = 0.0  # monotonic time before which a good /health does not bring it back
+        self.last_error: str | None = None  # the last answer it gave that failed a request
 
     def why_down(self) -> str:
         if self.healthy:
@@ -55,6 +59,7 @@ class Backend:
             "sessions": self.sessions,
             "requests": dict(self.requests),
             "failovers": self.failovers,
+            "last_error": self.last_error,
             "mean_latency_s": self.latency_sum_s / done if done else None,
         }
 

@@ -12,9 +12,8 @@ from typing import Awaitable, Callable, Literal, TypeVar
 from prometheus_client import CollectorRegistry
 
 from nemo_gym_cli.config.typed import UrlList
-from nemo_gym_cli.serving.client import UNAVAILABLE_ERRORS
 
-from . import metrics as _metrics
+from . import backend_metrics as _metrics
 from .backend import Backend
 from .groups import GroupAffinity
 from .health import HealthChecks, Probe
@@ -23,9 +22,6 @@ from .sessions import SessionTable
 
 T = TypeVar("T")
 
-# What an ``attempt`` should turn into BackendUnavailable (the backend refused, reset or timed
-# out): the server client's tuple, the same one the health checks use.
-UNAVAILABLE_EXCEPTIONS = UNAVAILABLE_ERRORS
 UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 
 
@@ -45,6 +41,13 @@ class RoutingSettings:
     health_failures: int = 3  # failed checks in a row: down, its requests in flight re-issued elsewhere
     probe_interval_s: float = 0.5  # a backend marked down is probed on /health this often
     wait_for_backend_s: float = 30  # with every backend down, a request waits this long for one
+    # Malformed answers (not HTTP, not JSON, no `choices`, over max_answer_bytes) in a row that mark a
+    # backend down (never the last healthy one); its request is retried on another backend.
+    malformed_answers: int = 3
+    # ...it then stays down at least this long (doubling each time it is marked down again before a
+    # good answer, at most 16x); it comes back on a good /health after that, and one more
+    # malformed answer takes it out again.
+    malformed_hold_s: float = 5
 
 
 class BackendUnavailable(Exception):
@@ -53,6 +56,14 @@ class BackendUnavailable(Exception):
 
 class NoHealthyBackend(BackendUnavailable):
     """No backend came back within ``wait_for_backend_s``."""
+
+
+class MalformedAnswer(Exception):
+    """The backend answered, but with something we cannot use (bad HTTP, not JSON, too large...)."""
+
+    def __init__(self, message: str, backend: str):
+        super().__init__(f"{backend}: {message}")
+        self.message, self.backend = message, backend
 
 
 class Router:
@@ -76,6 +87,9 @@ class Router:
             raise ValueError(f"duplicate backend URLs: {urls}")
         if config.wait_for_backend_s < 0:
             raise ValueError(f"wait_for_backend_s must be >= 0, got {config.wait_for_backend_s}")
+        if config.malformed_answers < 1 or config.malformed_hold_s < 0:
+            raise ValueError(f"malformed_answers must be >= 1 and malformed_hold_s >= 0, got "
+                             f"{config.malformed_answers}, {config.malformed_hold_s}")
         if max_failovers is not None and max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {max_failovers}")
         self.backends = [Backend(u, i) for i, u in enumerate(urls)]
@@ -91,6 +105,7 @@ class Router:
         self._started = False
         self.max_failovers = len(self.backends) if max_failovers is None else max_failovers
         self.wait_for_backend_s = config.wait_for_backend_s
+        self.malformed_answers, self.malformed_hold_s = config.malformed_answers, config.malformed_hold_s
         self._healthy: list[Backend] = list(self.backends)
         self._up = asyncio.Event()
         self._up.set()
@@ -131,6 +146,18 @@ class Router:
             except BackendUnavailable as e:
                 calls.discard(task)
                 error: BaseException = e
+            except MalformedAnswer as e:
+                calls.discard(task)
+                backend.in_flight -= 1
+                self._record(backend, "malformed", time.perf_counter() - t0)
+                self._malformed(backend, e)
+                other = self._route(session_id, group_key, avoid=backend) if failovers < self.max_failovers else None
+                if other is None:
+                    raise
+                failovers += 1
+                self._count_failover(backend)
+                backend = other
+                continue
             except Exception:
                 calls.discard(task)
                 backend.in_flight -= 1
@@ -149,6 +176,8 @@ class Router:
                     task.uncancel()
                 backend.in_flight -= 1
                 self._record(backend, "ok", time.perf_counter() - t0)
+                if backend.malformed_in_a_row or backend.ejections:
+                    backend.malformed_in_a_row = backend.ejections = 0  # its answers recovered
                 return result
             backend.in_flight -= 1
             self._record(backend, "unavailable", time.perf_counter() - t0)
@@ -156,9 +185,7 @@ class Router:
             if failovers >= self.max_failovers:
                 raise error
             failovers += 1
-            backend.failovers += 1
-            if backend.metrics is not None:
-                backend.metrics.failovers.inc()
+            self._count_failover(backend)
             backend = self._route(session_id, group_key)
 
     def release(self, session_id: str | None) -> None:
@@ -166,14 +193,21 @@ class Router:
         if session_id is not None:
             self.sessions.release(session_id)
 
-    def _route(self, session_id: str | None, group_key: str | None) -> Backend | None:
+    def _count_failover(self, backend: Backend) -> None:
+        backend.failovers += 1
+        if backend.metrics is not None:
+            backend.metrics.failovers.inc()
+
+    def _route(self, session_id: str | None, group_key: str | None, avoid: Backend | None = None) -> Backend | None:
         """Pinned backend if healthy; else group affinity, then the policy (and pin). None if
-        no backend is healthy."""
+        no backend is healthy (other than `avoid`, one that just answered badly)."""
         if session_id is not None:
             backend = self.sessions.get(session_id)
-            if backend is not None and backend.healthy:
+            if backend is not None and backend.healthy and backend is not avoid:
                 return backend
         healthy = self._healthy
+        if avoid is not None:
+            healthy = [b for b in healthy if b is not avoid]
         if not healthy:
             return None
         backend = None
@@ -216,6 +250,20 @@ class Router:
         if not self._closed:
             self.health.watch(backend)
 
+    def _malformed(self, backend: Backend, error: MalformedAnswer) -> None:
+        """Count a malformed answer; enough in a row (one, just after it came back) mark it down."""
+        backend.last_error = error.message[:300]
+        backend.malformed_in_a_row += 1
+        limit = 1 if backend.ejections else self.malformed_answers
+        if not backend.healthy or backend.malformed_in_a_row < limit or len(self._healthy) <= 1:
+            return  # never the last healthy backend: its good answers still serve
+        backend.malformed_in_a_row = 0
+        backend.ejections += 1
+        backend.held_until = time.monotonic() + self.malformed_hold_s * 2 ** min(backend.ejections - 1, 4)
+        hold = backend.held_until - time.monotonic()
+        self._mark_down(backend, f"{limit} malformed answer{'s' if limit > 1 else ''} in a row "
+                                 f"(last: {error.message[:200]}); held out {hold:.0f} s, then back on a good /health")
+
     @staticmethod
     def _was_cut_off(backend: Backend, task: asyncio.Task, error: BaseException) -> bool:
         """True if `error` is _cut_off's cancellation alone (not also the caller's)."""
@@ -236,8 +284,8 @@ class Router:
         self._mark_down(backend, BackendUnavailable(reason))
 
     def _mark_up(self, backend: Backend) -> None:
-        if backend.healthy:
-            return
+        if backend.healthy or time.monotonic() < backend.held_until:
+            return  # held out after malformed answers: the probes bring it back once the hold is over
         backend.healthy = True
         backend.down_reason = backend.probe_error = None
         self._healthy = [b for b in self.backends if b.healthy]

@@ -10,6 +10,7 @@ orjson bodies, JSON errors without tracebacks, the session id of the request.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Awaitable, Callable, ClassVar
 
@@ -18,9 +19,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from nemo_gym_cli.config.paths import base_defaults
 from nemo_gym_cli.config.typed import ServerConfig, load_config
 from nemo_gym_cli.serving.protocol import JSON, SESSION_COOKIE, SESSION_HEADER, HTTPError, RequestContext, new_session_id
 
+_COOKIE_VALUE = re.compile(r"[A-Za-z0-9._~+/=-]{1,256}")  # RFC 6265 cookie-octets we echo back
 disable_created_metrics()  # the *_created series are noise in every scrape
 
 Handler = Callable[[Any, RequestContext], Awaitable[Any]]
@@ -91,7 +94,9 @@ class BaseServer:
 
     # ------------------------------------------------------------ HTTP
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=1024**3)
+        # A request may be as large as an answer our clients accept: http_client.max_response_bytes.
+        cap = self.client.max_response_bytes if self.client is not None else base_defaults()["http_client"]["max_response_bytes"]
+        app = web.Application(client_max_size=cap)
         for (method, path), handler in self.routes.items():
             app.router.add_route(method, path, self._http_handler((method, path), handler))
         app.router.add_get("/metrics", self._metrics_handler)
@@ -102,8 +107,7 @@ class BaseServer:
         async def handle(request: web.Request) -> web.StreamResponse:
             t0 = time.perf_counter()
             session_id = request.headers.get(SESSION_HEADER) or request.cookies.get(SESSION_COOKIE)
-            minted = session_id is None
-            if minted:
+            if session_id is None:
                 session_id = new_session_id()
             try:
                 raw = await request.read()
@@ -111,7 +115,7 @@ class BaseServer:
                     body = orjson.loads(raw) if raw else {}
                 except orjson.JSONDecodeError as e:
                     raise HTTPError(400, f"request body is not valid JSON: {e}") from None
-                result = await handler(body, RequestContext(session_id, request.headers))
+                result = await handler(body, RequestContext(session_id, request.headers, request.query))
                 response = web.Response(body=orjson.dumps(result), content_type=JSON)
             except HTTPError as e:
                 response = web.Response(status=e.status, body=orjson.dumps(e.body()), content_type=JSON)
@@ -119,7 +123,11 @@ class BaseServer:
                 self.log.exception("%s %s failed", request.method, request.path)
                 err = HTTPError(500, f"{self.name}: {type(e).__name__}: {e}", "server_error")
                 response = web.Response(status=500, body=orjson.dumps(err.body()), content_type=JSON)
-            if minted:  # a plain string: http.cookies' Morsel formatting costs more than the request
+            # On every answer, not only when minted: a client that keeps only the last answer's
+            # cookies (NeMo Gym's agents) keeps its session. A plain string: http.cookies' Morsel
+            # formatting costs more than the request. (An X-Session-ID that is not a cookie value
+            # is not echoed: it would not make a valid header.)
+            if (session_id.isascii() and session_id.isalnum()) or _COOKIE_VALUE.fullmatch(session_id):
                 response.headers["Set-Cookie"] = f"{SESSION_COOKIE}={session_id}; HttpOnly; Path=/"
             self._observe(key, response.status, time.perf_counter() - t0)
             return response

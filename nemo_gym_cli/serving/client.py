@@ -15,15 +15,19 @@ sent again only when the server cannot have acted on it, or when it is safe to r
   tools, /verify, /run) runs at most once per call; the collector's own retries
   (`+max_attempts`) decide about whole rollouts.
 A call by name goes to one replica of the server (serving/replicas.py: least in flight, a
-session stays on its replica). A replica that is gone (it refused the call, or reset it and
-then refused a probe: its process is dead, and what it did died with it) is left for another
+session stays on its replica). Its timeout is the server's liveness, not a fixed time: a
+replica with calls in flight that has answered none for `stall_s` is probed on /health, and
+one that misses `liveness_failures` probes in a row is frozen: its calls are cut off at once
+(failure "frozen") and it is left for its restarted process, while a long call of a server
+whose /health answers runs to its end. A replica that is gone (it refused the call, or reset it and
+then refused or reset a probe: its process is dead or dying, and what it did died with it) is left for another
 one, or for its restarted process; a session that lived on it fails, naming why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,71 +36,20 @@ import orjson
 
 from nemo_gym_cli.config.paths import base_defaults
 from nemo_gym_cli.config.typed import load_config
-from nemo_gym_cli.serving.http11 import (IDEMPOTENT_METHODS, InvalidRequest, LeanHTTP,
-                                         NotSent, ProtocolError, check_header)
+from nemo_gym_cli.serving.cookies import SessionCookies
+from nemo_gym_cli.serving.errors import (ALREADY_RETRIED, NOT_PROCESSED_STATUSES, NOT_SENT_ERRORS, RETRY_STATUSES,
+                                         UNAVAILABLE_ERRORS, ServerCallError, backoff_delay, error_message,
+                                         failure_kind)
+from nemo_gym_cli.serving.head_client import HeadClient
+from nemo_gym_cli.serving.http11 import IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP, ProtocolError, check_header
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
 from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
 
 if TYPE_CHECKING:
     from nemo_gym_cli.serving.base import BaseServer
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-# Error types our servers give when *their* upstream failed after their own retries: retrying
-# here too would multiply the tries at every hop (agent -> judge env -> judge model -> vLLM).
-ALREADY_RETRIED = frozenset({"upstream_error", "upstream_unavailable"})
-# "The server is unavailable": refused, reset, timed out, or closed mid-answer. One tuple for
-# every caller: server calls here, a model adapter's calls to its backends and their /health probes.
-UNAVAILABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
-# The request never reached the server: safe to send again, whatever it is.
-NOT_SENT_ERRORS = (NotSent, aiohttp.ClientConnectorError)
-# Answers that say the server did not process the request.
-NOT_PROCESSED_STATUSES = frozenset({429})
 MAX_FAILOVERS = 3  # a call by name moves on from a gone replica at most this often
-
-
-class ServerCallError(Exception):
-    """A call that failed after its last try; names the server, URL and cause.
-
-    `failure` says how a connection failed: "refused", "not_sent", "reset", "timeout", "gone" (the replica
-    holding the call's session went away), "unavailable" (no replica came back in time) or
-    "other"; None for an HTTP error status."""
-
-    def __init__(self, server: str, url: str, message: str, status: int | None = None, error_type: str | None = None,
-                 failure: str | None = None):
-        self.server, self.url, self.status, self.message, self.error_type = server, url, status, message, error_type
-        self.failure = failure
-        what = f"HTTP {status}" if status else "connection failed"
-        super().__init__(f"{server} ({url}): {what}: {message}")
-
-
-def failure_kind(e: BaseException) -> str:
-    """How a connection failed: refused (nothing listens), not_sent (could not connect otherwise),
-    reset (closed under the call), timeout, other."""
-    if isinstance(e, NOT_SENT_ERRORS):
-        cause = e.__cause__ if isinstance(e, NotSent) else e.os_error
-        return "refused" if isinstance(cause, ConnectionRefusedError) else "not_sent"
-    if isinstance(e, ConnectionRefusedError):
-        return "refused"
-    if isinstance(e, (ConnectionResetError, BrokenPipeError, aiohttp.ServerDisconnectedError)):
-        return "reset"
-    if isinstance(e, asyncio.TimeoutError):
-        return "timeout"
-    return "other"
-
-
-def error_message(data: Any, fallback: str) -> str:
-    """The message of an OpenAI/vLLM/our `{"error": {...}}` body, or of vLLM's older `{"message"}`."""
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        if data.get("message"):
-            return str(data["message"])
-        if data.get("detail"):
-            return str(data["detail"])
-    return fallback
+WATCH_INTERVAL_S = 1.0  # how often the liveness watchdog looks for replicas whose calls stall
 
 
 @dataclass(kw_only=True)
@@ -113,6 +66,9 @@ class HttpClientConfig:
     connector_limit_per_host: int
     max_response_bytes: int
     resolve_timeout_s: float
+    stall_s: float
+    liveness_timeout_s: float
+    liveness_failures: int
 
     @classmethod
     def of(cls, given: "HttpClientConfig | dict | None") -> "HttpClientConfig":
@@ -130,12 +86,8 @@ def make_http_session(cfg: HttpClientConfig, limit: int | None = None) -> aiohtt
     )
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=cfg.connect_timeout_s)
     # orjson for bodies we send; responses are read as bytes and parsed with orjson too.
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(), cookie_jar=aiohttp.DummyCookieJar())
-
-
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
-    return random.uniform(0, min(cap, base * (2**attempt)))
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, json_serialize=lambda o: orjson.dumps(o).decode(),
+                                 cookie_jar=aiohttp.DummyCookieJar())
 
 
 class ServerClient:
@@ -156,6 +108,8 @@ class ServerClient:
         # How long a call by name waits for a replica to come back (ng_run restarts with up to 8 s backoff).
         self.resolve_timeout_s = cfg.resolve_timeout_s
         self.resolver = Resolver(self.servers)
+        self._watchdog: asyncio.Task | None = None
+        self.cookies = SessionCookies()  # what servers set per session (NeMo Gym's stateful environments)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -165,27 +119,37 @@ class ServerClient:
         return self._session
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self.lean.close()
         if self._session is not None and not self._session.closed:
             await self._session.close()
 
     async def raw_request(self, method: str, url: str, data: bytes | None, headers: dict | None,
-                          timeout_s: float | None, *, idempotent: bool | None = None) -> tuple[int, bytes]:
-        """One HTTP exchange, no retries: (status, body). Raises UNAVAILABLE_ERRORS (NotSent when
-        nothing went out), ProtocolError for a malformed or oversized answer, InvalidRequest
-        for a header with CR/LF/NUL."""
+                          timeout_s: float | None, *, idempotent: bool | None = None,
+                          cap: BodyCap | None = None, set_cookies: list[str] | None = None) -> tuple[int, bytes]:
+        """One HTTP exchange, no retries: (status, body); `set_cookies` gets the answer's
+        Set-Cookie values. Raises UNAVAILABLE_ERRORS (NotSent when nothing went out),
+        ProtocolError for a malformed or oversized answer (over `cap`, default
+        http_client.max_response_bytes), InvalidRequest for a header with CR/LF/NUL."""
         if self.lean.supports(url):
-            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent)
+            return await self.lean.request(method, url, data, headers, timeout_s or self.timeout_s, idempotent=idempotent,
+                                           cap=cap, set_cookies=set_cookies)
         for name, value in (headers or {}).items():
             check_header(name, str(value))
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
-        cap = self.max_response_bytes
+        cap = cap or BodyCap(self.max_response_bytes, "http_client.max_response_bytes")
         async with self.http.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
+            if resp.content_length is not None and resp.content_length > cap.limit:
+                raise cap.refuse(url, resp.content_length)
+            if set_cookies is not None:
+                set_cookies.extend(resp.headers.getall("Set-Cookie", ()))
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk
-                if len(body) > cap:
-                    raise ProtocolError(f"{url}: response body over the {cap}-byte cap (http_client.max_response_bytes)")
+                if len(body) > cap.limit:
+                    raise cap.refuse(url)
             return resp.status, bytes(body)
 
     async def health_status(self, url: str, timeout_s: float) -> int:
@@ -198,9 +162,7 @@ class ServerClient:
 
     # ------------------------------------------------------------ name resolution
     async def servers(self) -> list[dict]:
-        if not self.head_url:
-            raise ServerCallError("head server", "(none)", "no head server address configured")
-        return await self.request_json("GET", f"{self.head_url}/servers", server="head server", timeout_s=10)
+        return await HeadClient(self).servers()
 
     async def replicas(self, name: str, wait: bool = True) -> Replicas:
         """The replicas of a name; waits (bounded) while none serves, e.g. during a restart."""
@@ -223,10 +185,6 @@ class ServerClient:
                                       f"{self.resolve_timeout_s:g} s for one to come back)", failure="unavailable")
             await asyncio.sleep(0.2)
 
-    async def url_of(self, name: str) -> str:
-        """The URL of the least busy live replica of a server."""
-        return (await self.replicas(name)).least_loaded().url
-
     # ------------------------------------------------------------ calls
     async def post(self, server: str, path: str, body: Any = None, *, session_id: str | None = None,
                    headers: dict | None = None, timeout_s: float | None = None,
@@ -234,12 +192,17 @@ class ServerClient:
         """POST by server name: to the session's replica, else the least busy one. `idempotent=True`
         only for calls that are safe to run twice (see the module docstring): it allows re-sending
         after a reset, a timeout or a 5xx. A call moves on from a replica that is gone (refused it,
-        or reset it and then refused a probe: its process is dead); see serving/replicas.py."""
+        or reset it and then a probe found nothing serving: its process is dead); see serving/replicas.py."""
         local = self.local_servers.get(server)
         if local is not None:
             return await self._local_call(local, "POST", path, body, session_id, retry_statuses, headers, idempotent)
+        set_cookies: list[str] | None = None
         if session_id:
             headers = {**(headers or {}), SESSION_HEADER: session_id}
+            cookie = self.cookies.header(server, session_id)
+            if cookie:
+                headers["Cookie"] = cookie
+            set_cookies = []
         for failovers in range(MAX_FAILOVERS + 1):
             reps = self.resolver.names.get(server)
             if reps is None or not reps.live or reps.degraded:  # (the common case skips a coroutine)
@@ -256,10 +219,22 @@ class ServerClient:
                     reps.unpin(session_id)
                     raise ServerCallError(server, replica.url, f"replica {replica.index} of '{server}' is gone (crashed "
                                           f"or restarted) and session {session_id} was there", failure="gone")
+            task = asyncio.current_task()
+            if not replica.in_flight:
+                replica.answered_at = time.monotonic()  # the stall clock starts with its first call in flight
             replica.in_flight += 1
+            replica.calls.add(task)
+            if self._watchdog is None:
+                self._watchdog = asyncio.ensure_future(self._watch_liveness())
             try:
                 return await self.request_json("POST", replica.url + path, body, headers=headers, server=server,
-                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent)
+                                               timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent,
+                                               set_cookies=set_cookies)
+            except asyncio.CancelledError:
+                if replica.frozen is None or task not in replica.calls or task.uncancel() > 0:
+                    raise  # cancelled by its caller, not cut off by the watchdog
+                raise ServerCallError(server, replica.url, f"replica {replica.index} of '{server}' stopped answering "
+                                      f"/health ({replica.frozen}); the call was cut off", failure="frozen") from None
             except ServerCallError as e:
                 if e.failure not in ("refused", "reset") or failovers == MAX_FAILOVERS or not await self._is_gone(replica, e):
                     raise
@@ -272,17 +247,64 @@ class ServerClient:
                     reps.unpin(session_id)  # re-pinned on the next replica
             finally:
                 replica.in_flight -= 1
+                replica.calls.discard(task)
+                replica.answered_at = time.monotonic()
+                if set_cookies:
+                    self.cookies.store(server, session_id, set_cookies)
+                    set_cookies.clear()
         raise AssertionError("unreachable")
 
+    def forget_sessions(self, session_ids: list[str]) -> None:
+        """Rollouts ended: drop the cookies their servers set."""
+        self.cookies.forget(session_ids)
+
+    async def _watch_liveness(self) -> None:
+        """Probe replicas whose calls stall; cut off the calls of one that stopped answering."""
+        cfg = self.http_config
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            stalled = [r for reps in self.resolver.names.values() for r in reps.live
+                       if r.in_flight and now - r.answered_at > cfg.stall_s]
+            if not stalled:
+                continue
+            results = await asyncio.gather(*(self.health_problem(r.url, cfg.liveness_timeout_s) for r in stalled))
+            for replica, why in zip(stalled, results):
+                if why is None:
+                    replica.misses, replica.answered_at = 0, time.monotonic()  # alive, just slow: look again later
+                    continue
+                replica.misses += 1
+                if replica.misses >= cfg.liveness_failures and not replica.gone:
+                    replica.frozen = f"{replica.misses} probes in a row: {why}"
+                    self.resolver.mark_gone(replica)
+                    for task in list(replica.calls):
+                        task.cancel()
+
+    async def health_problem(self, url: str, timeout_s: float) -> str | None:
+        """Liveness of a server of the graph (also ng_run's supervisor's probe): None if `GET url/health`
+        answers within timeout_s, else why not. Any answer below 500 is alive: NeMo Gym's servers
+        have no /health (a 404), and liveness is about answering at all."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                status = await self.health_status(url + "/health", timeout_s)
+        except TimeoutError:
+            return f"no answer within {timeout_s:g} s"
+        except Exception as e:  # noqa: BLE001 - refused, reset, malformed: all "not answering"
+            return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return None if status < 500 else f"HTTP {status}"
+
     async def _is_gone(self, replica: Replica, error: ServerCallError) -> bool:
-        """Refused: nothing listens there. Reset: gone only if a probe is refused too (a live
-        server that reset one connection may have acted on the call: never send it twice)."""
+        """Refused: nothing listens there. Reset: gone only if a probe finds nothing serving too
+        (a live server that reset one connection may have acted on the call: never send it twice).
+        The probe is refused once the process is dead, and reset without an answer while it is
+        being killed: its closing listen socket still completes handshakes, and a live server
+        always answers /health."""
         if replica.gone or error.failure == "refused":
             return True
         try:
             await self.health_status(replica.url + "/health", 2)
         except Exception as e:
-            return failure_kind(e) == "refused"
+            return failure_kind(e) in ("refused", "reset")
         return False
 
     async def post_each(self, server: str, path: str, body: Any = None, **kwargs) -> list[Any]:
@@ -328,9 +350,10 @@ class ServerClient:
 
     async def request_json(self, method: str, url: str, body: Any = None, *, headers: dict | None = None,
                            server: str = "", timeout_s: float | None = None, retries: int | None = None,
-                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None) -> Any:
+                           retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None,
+                           set_cookies: list[str] | None = None) -> Any:
         """One HTTP call with timeout and bounded retries (only where safe, see the module
-        docstring); returns the parsed JSON body."""
+        docstring); returns the parsed JSON body (`set_cookies` gets the Set-Cookie values)."""
         retries = self.max_retries if retries is None else retries
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
@@ -340,7 +363,8 @@ class ServerClient:
         hdrs = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers
         for attempt in range(retries + 1):
             try:
-                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent)
+                status, raw = await self.raw_request(method, url, data, hdrs, timeout_s, idempotent=idempotent,
+                                                     set_cookies=set_cookies)
                 try:
                     parsed = orjson.loads(raw) if raw else None
                 except orjson.JSONDecodeError:

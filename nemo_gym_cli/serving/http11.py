@@ -15,7 +15,8 @@ Errors:
   the server. Never a success.
 - ConnectionResetError / TimeoutError: the request went out and no complete answer came back;
   the server may have acted on it.
-A kept-alive connection found closed when taken from the pool is never used. One that closes
+A kept-alive connection found closed when taken from the pool is never used, also when the peer
+closed it a moment ago and the event loop has not yet seen that (the socket's TCP state tells). One that closes
 without a byte of answer after the request went out (keep-alive race) is re-sent on a new
 connection only for an idempotent call (GET, or `idempotent=True`): a POST may have run.
 """
@@ -23,19 +24,34 @@ connection only for an idempotent call (GET, or `idempotent=True`): a POST may h
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import deque
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import httptools
 
-DEFAULT_MAX_RESPONSE_BYTES = 1 << 30  # as large as our servers' request cap (aiohttp client_max_size)
+from nemo_gym_cli.config.paths import base_defaults
+
 MAX_HEADER_BYTES = 64 * 1024
 # A connection idle longer than this is closed, not reused: uvicorn (vLLM) closes idle ones after
 # 5 s, and a request written into a connection the server is closing gets no answer.
 MAX_IDLE_S = 4.0
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+TCP_ESTABLISHED = 1  # tcpi_state of a connection neither side has closed (Linux <netinet/tcp.h>)
 _BAD_IN_HEADER = ("\r", "\n", "\0")
+
+
+class BodyCap(NamedTuple):
+    """The most bytes an answer's body may have, and the setting that says so (named in the error)."""
+
+    limit: int
+    setting: str
+
+    def refuse(self, where: str, size: int | None = None) -> "ProtocolError":
+        said = f"of {size} bytes is" if size is not None else "is"
+        return ProtocolError(f"{where}: response body {said} over the {self.limit}-byte cap ({self.setting})")
 
 
 class ProtocolError(Exception):
@@ -65,7 +81,8 @@ def check_header(name: str, value: str) -> None:
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "pool", "parser", "waiter", "body", "body_size", "head_size", "status", "framed",
-                 "headers_done", "keep_alive", "got_bytes", "closed", "reused", "idle_since", "counted")
+                 "headers_done", "keep_alive", "got_bytes", "closed", "reused", "idle_since", "counted", "cap",
+                 "cookies")
 
     def __init__(self, pool: "_Pool"):
         self.pool = pool
@@ -76,6 +93,7 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self.counted = True  # in pool.open until discarded
         self.idle_since = 0.0
+        self.cap = pool.cap  # this exchange's (roundtrip sets it)
         self._reset()
 
     def _reset(self) -> None:
@@ -87,6 +105,7 @@ class _Connection(asyncio.Protocol):
         self.headers_done = False
         self.keep_alive = False
         self.got_bytes = False
+        self.cookies: list[bytes] | None = None  # Set-Cookie values of this answer
 
     # ---- asyncio.Protocol
     def connection_made(self, transport) -> None:
@@ -144,9 +163,12 @@ class _Connection(asyncio.Protocol):
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":
             self.framed = True
-            if name == b"content-length" and value.isdigit() and int(value) > self.pool.max_body:
-                raise ProtocolError(f"{self.pool.where}: response body of {int(value)} bytes is over the "
-                                    f"{self.pool.max_body}-byte cap (http_client.max_response_bytes)")
+            if name == b"content-length" and value.isdigit() and int(value) > self.cap.limit:
+                raise self.cap.refuse(self.pool.where, int(value))  # refused before a byte of it is read
+        elif name == b"set-cookie":
+            if self.cookies is None:
+                self.cookies = []
+            self.cookies.append(value)
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -156,9 +178,8 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
-        if self.body_size > self.pool.max_body:
-            raise ProtocolError(f"{self.pool.where}: response body over the {self.pool.max_body}-byte cap "
-                                "(http_client.max_response_bytes)")
+        if self.body_size > self.cap.limit:
+            raise self.cap.refuse(self.pool.where)
         self.body.append(chunk)
 
     def on_message_complete(self) -> None:
@@ -170,14 +191,27 @@ class _Connection(asyncio.Protocol):
             waiter.set_result((self.status, self.body[0] if len(self.body) == 1 else b"".join(self.body)))
 
     # ---- use
-    async def roundtrip(self, request: bytes) -> tuple[int, bytes]:
+    async def roundtrip(self, request: bytes, cap: BodyCap) -> tuple[int, bytes]:
         self._reset()
+        self.cap = cap
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         try:
             return await self.waiter
         finally:
             self.waiter = None
+
+    def peer_closed(self) -> bool:
+        """The peer closed (its FIN or RST is in the kernel) but the event loop has not run our
+        reader yet: a loaded process can take a pooled connection in that window, and a request
+        written there gets no answer. One getsockopt per reuse; False where TCP_INFO is unknown."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None or not hasattr(socket, "TCP_INFO"):
+            return False
+        try:
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED
+        except OSError:
+            return True
 
     def close(self) -> None:
         self.closed = True
@@ -190,7 +224,8 @@ class _Pool:
     """Keep-alive connections to one host:port, at most `limit` open at once (0: no cap)."""
 
     def __init__(self, host: str, port: int, limit: int, max_body: int):
-        self.host, self.port, self.limit, self.max_body = host, port, limit, max_body
+        self.host, self.port, self.limit = host, port, limit
+        self.cap = BodyCap(max_body, "http_client.max_response_bytes")
         self.where = f"{host}:{port}"
         self.idle: list[_Connection] = []
         self.open = 0  # connections open or opening, idle or busy
@@ -199,11 +234,11 @@ class _Pool:
         self.host_header = f"Host: {shown}:{port}\r\n".encode()
 
     def take(self) -> _Connection | None:
-        """An idle connection that is still open and was used recently, or None."""
+        """An idle connection that is still open at both ends and was used recently, or None."""
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < MAX_IDLE_S:
+            if not conn.closed and now - conn.idle_since < MAX_IDLE_S and not conn.peer_closed():
                 conn.reused = True
                 return conn
             conn.close()
@@ -276,11 +311,11 @@ class LeanHTTP:
     for one); `max_response_bytes` caps a response body.
     """
 
-    def __init__(self, connect_timeout: float = 10.0, per_host_limit: int = 0,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES):
-        self.connect_timeout = connect_timeout
+    def __init__(self, connect_timeout: float | None = None, per_host_limit: int = 0, max_response_bytes: int | None = None):
+        defaults = base_defaults()["http_client"]  # connect_timeout_s and max_response_bytes: their one home
+        self.connect_timeout = defaults["connect_timeout_s"] if connect_timeout is None else connect_timeout
         self.per_host_limit = per_host_limit
-        self.max_response_bytes = max_response_bytes
+        self.max_response_bytes = defaults["max_response_bytes"] if max_response_bytes is None else max_response_bytes
         self.pools: dict[tuple[str, int], _Pool] = {}
 
     def supports(self, url: str) -> bool:
@@ -311,9 +346,12 @@ class LeanHTTP:
 
     async def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None,
                       timeout: float | None = None, *, idempotent: bool | None = None,
-                      uncapped: bool = False) -> tuple[int, bytes]:
+                      uncapped: bool = False, cap: BodyCap | None = None,
+                      set_cookies: list[str] | None = None) -> tuple[int, bytes]:
         """`idempotent` (default: GET/HEAD/OPTIONS) allows re-sending after a keep-alive race;
-        `uncapped` opens a connection beyond the per-host cap instead of waiting (health checks)."""
+        `uncapped` opens a connection beyond the per-host cap instead of waiting (health checks);
+        `cap` is a smaller body cap for this call (default: max_response_bytes); `set_cookies`
+        gets the answer's Set-Cookie values."""
         pool, request = self.build(method, url, body, headers)
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
@@ -323,7 +361,7 @@ class LeanHTTP:
                 if conn is None:
                     conn = await pool.connect(self.connect_timeout, uncapped)
                 try:
-                    result = await conn.roundtrip(request)
+                    result = await conn.roundtrip(request, cap or pool.cap)
                 except StaleConnection:
                     conn.close()
                     pool.close_idle()  # most likely closed too (idle timeout, restart)
@@ -333,6 +371,8 @@ class LeanHTTP:
                 except BaseException:
                     conn.close()  # e.g. a timeout mid-response: the connection is unusable
                     raise
+                if set_cookies is not None and conn.cookies:
+                    set_cookies.extend(v.decode("latin-1") for v in conn.cookies)
                 pool.give_back(conn)
                 return result
             raise ConnectionResetError(f"{pool.where} closed two connections in a row before answering")

@@ -8,6 +8,10 @@ from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
 
+def _not_implemented(server: BaseServer, path: str) -> HTTPError:
+    return HTTPError(501, f"{server.name}: {path} is not implemented", "server_error")
+
+
 class SimpleResourcesServer(BaseServer):
     """Tools are routes (`@route("/get_weather")`); /seed_session starts an episode, /verify scores it."""
 
@@ -17,19 +21,23 @@ class SimpleResourcesServer(BaseServer):
 
     @route("/verify")
     async def verify(self, body: Any, ctx: RequestContext) -> Any:
-        raise HTTPError(501, f"{self.name}: /verify is not implemented", "server_error")
+        raise _not_implemented(self, "/verify")
 
 
-class ResponsesAPIModel(BaseServer):
-    """A policy or judge model: OpenAI Responses and Chat Completions over some backend."""
+class _ServesResponses(BaseServer):
+    """What a model and an agent both serve: the OpenAI Responses API."""
 
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:
-        raise HTTPError(501, f"{self.name}: /v1/responses is not implemented", "server_error")
+        raise _not_implemented(self, "/v1/responses")
+
+
+class ResponsesAPIModel(_ServesResponses):
+    """A policy or judge model: OpenAI Responses and Chat Completions over some backend."""
 
     @route("/v1/chat/completions")
     async def chat_completions(self, body: Any, ctx: RequestContext) -> Any:
-        raise HTTPError(501, f"{self.name}: /v1/chat/completions is not implemented", "server_error")
+        raise _not_implemented(self, "/v1/chat/completions")
 
     @route("/release_session")
     async def release_session(self, body: Any, ctx: RequestContext) -> Any:
@@ -37,13 +45,9 @@ class ResponsesAPIModel(BaseServer):
         return {}
 
 
-class ResponsesAPIAgent(BaseServer):
+class ResponsesAPIAgent(_ServesResponses):
     """Runs episodes: /v1/responses (one episode) and /run (seed, episode, verify)."""
-
-    @route("/v1/responses")
-    async def responses(self, body: Any, ctx: RequestContext) -> Any:
-        raise HTTPError(501, f"{self.name}: /v1/responses is not implemented", "server_error")
 
     @route("/run")
     async def run(self, body: Any, ctx: RequestContext) -> Any:
-        raise HTTPError(501, f"{self.name}: /run is not implemented", "server_error")
+        raise _not_implemented(self, "/run")

@@ -25,11 +25,12 @@ class HTTPError(Exception):
 
 
 class RequestContext:
-    __slots__ = ("session_id", "headers")
+    __slots__ = ("session_id", "headers", "query")
 
-    def __init__(self, session_id: str | None, headers: Any = None):
+    def __init__(self, session_id: str | None, headers: Any = None, query: Any = None):
         self.session_id = session_id
         self.headers = headers or {}
+        self.query = query or {}  # the URL's query parameters (e.g. /pause?mode=keep)
 
 
 def content_text(content: Any) -> str:
@@ -43,6 +44,24 @@ def content_text(content: Any) -> str:
             if isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text"), str))
         )
     return ""
+
+
+def last_message_text(items: Any, role: str) -> str:
+    """The text of the last message with `role` (and any text) among Responses API input or
+    output items ("" if none); a plain string input is the user's message."""
+    if isinstance(items, str):
+        return items if role == "user" else ""
+    for item in reversed(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get("type", "message") == "message" and item.get("role", "assistant") == role:
+            text = content_text(item.get("content"))
+            if text:
+                return text
+    return ""
+
+
+def last_assistant_text(output: Any) -> str:
+    """The model's answer: the text of the last assistant message of a Responses API `output`."""
+    return last_message_text(output, "assistant")
 
 
 def new_session_id() -> str:

@@ -5,7 +5,7 @@ replica with the fewest calls in flight from this process. A session is pinned t
 replica of its first call, because its state lives there (a resources server's seeded
 episode, a model adapter's backend pin); when that replica is gone, later calls of the
 session fail (the collector retries the rollout) rather than reach a replica that never saw
-it. A replica is gone when it refuses connections, or resets one and then refuses a probe,
+it. A replica is gone when it refuses connections, or resets one and then refuses or resets a probe,
 or the head lists a new process for it; the listing is fetched again (once for all callers)
 when a name has a replica that is not serving, at most once a second.
 """
@@ -22,12 +22,18 @@ SERVING = ("registered", "ready")
 
 
 class Replica:
-    __slots__ = ("name", "index", "url", "pid", "in_flight", "gone")
+    __slots__ = ("name", "index", "url", "pid", "in_flight", "gone", "calls", "answered_at", "misses", "frozen")
 
     def __init__(self, name: str, index: int, url: str, pid: int | None):
         self.name, self.index, self.url, self.pid = name, index, url, pid
         self.in_flight = 0
         self.gone = False
+        # Liveness (the server client's watchdog): the tasks calling it now, when a call of it last
+        # ended (or its /health last answered), /health probes missed in a row, why it is frozen.
+        self.calls: set[asyncio.Task] = set()
+        self.answered_at = time.monotonic()
+        self.misses = 0
+        self.frozen: str | None = None
 
     @property
     def key(self) -> tuple:

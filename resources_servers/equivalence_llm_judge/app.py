@@ -15,23 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_gym_cli.config.typed import ServerConfig, ServerRef
-from nemo_gym_cli.serving.client import ServerCallError
-from nemo_gym_cli.config import resolve_path
-from nemo_gym_cli.serving import HTTPError, RequestContext, SimpleResourcesServer, require, route
-from nemo_gym_cli.serving.protocol import content_text
+from nemo_gym_cli.serving import (HTTPError, RequestContext, ServerCallError, ServerConfig, ServerRef,
+                                  SimpleResourcesServer, last_assistant_text, last_message_text, require, resolve_path,
+                                  route)
 
 NO_ANSWER = "[NO VALID ANSWER EXTRACTED]"  # what the judge sees when the answer regex finds nothing
-
-
-def last_message_text(items: Any, role: str) -> str:
-    """Text of the last message with `role` in Responses input/output items ("" if none)."""
-    if isinstance(items, str):
-        return items if role == "user" else ""
-    for item in reversed(items if isinstance(items, list) else []):
-        if isinstance(item, dict) and item.get("type", "message") == "message" and item.get("role", "assistant") == role:
-            return content_text(item.get("content"))
-    return ""
 
 
 def extract(pattern: re.Pattern | None, text: str, *, last: bool) -> str | None:
@@ -123,7 +111,7 @@ class EquivalenceLLMJudgeResourcesServer(SimpleResourcesServer):
                 pattern = re.compile(str(row_regex), re.DOTALL)
             except re.error as e:
                 raise HTTPError(400, f"verify request: template_metadata.output_regex is not a valid regex: {e}") from None
-        generated = extract(pattern, last_message_text(response.get("output"), "assistant"), last=True)
+        generated = extract(pattern, last_assistant_text(response.get("output")), last=True)
         generated = NO_ANSWER if generated is None else generated
 
         evaluations = [await self._judge(question, expected, generated)]
@@ -143,7 +131,7 @@ class EquivalenceLLMJudgeResourcesServer(SimpleResourcesServer):
                 response = await self.client.post(self.judge_server, "/v1/responses", params, idempotent=True)
         except ServerCallError as e:
             raise HTTPError(502, f"{self.name}: judge model server '{self.judge_server}' failed: {e}", "upstream_error") from None
-        text = last_message_text(response.get("output"), "assistant")
+        text = last_assistant_text(response.get("output"))
         equal = has_label(text, self.equal_label, self.not_equal_label)
         not_equal = has_label(text, self.not_equal_label, self.equal_label)
         evaluation = {"responses_create_params": params, "response": response,

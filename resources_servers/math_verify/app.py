@@ -9,21 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nemo_gym_cli.config.typed import ServerConfig
-from nemo_gym_cli.serving import SimpleResourcesServer, require, route
+from nemo_gym_cli.serving import ServerConfig, SimpleResourcesServer, last_assistant_text, require, route
 
 from resources_servers.math_verify.grader import GraderPool
-
-
-def last_assistant_text(response: dict | None) -> str:
-    """The text of the last assistant message of a Responses API response ('' when none)."""
-    for item in reversed((response or {}).get("output") or []):
-        if isinstance(item, dict) and item.get("type") == "message" and item.get("role", "assistant") == "assistant":
-            parts = [p.get("text") or "" for p in item.get("content") or [] if isinstance(p, dict)]
-            text = "".join(parts)
-            if text:
-                return text
-    return ""
 
 
 @dataclass(kw_only=True)
@@ -54,7 +42,7 @@ class MathVerifyResourcesServer(SimpleResourcesServer):
     @route("/verify")
     async def verify(self, body, ctx):
         expected = require(body, "expected_answer", (str, int, float), where="math_verify row")
-        answer = last_assistant_text(body.get("response"))
+        answer = last_assistant_text((body.get("response") or {}).get("output"))
         if not answer:
             graded = {"reward": 0.0, "extracted_answer": None, "reason": "the response has no assistant text"}
         else:

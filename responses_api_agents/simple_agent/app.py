@@ -2,7 +2,8 @@
 
 /v1/responses runs one episode and returns a Response whose `output` is every item of the
 episode. /run = /seed_session -> episode -> /verify, all under one session id, then the
-model's session is released.
+model's session is released. /aggregate_metrics (NeMo Gym's collector calls it at the end) goes
+to the resources server when it has that route (NeMo Gym's do), else means are computed here.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from typing import Any
 
 import orjson
 
-from nemo_gym_cli.config.typed import ServerConfig, ServerRef
-from nemo_gym_cli.serving.client import ServerCallError
-from nemo_gym_cli.serving import GROUP_HEADER, HTTPError, RequestContext, new_session_id, require, route
-from nemo_gym_cli.serving import ResponsesAPIAgent
+from nemo_gym_cli.serving import (GROUP_HEADER, HTTPError, InvalidRequest, RequestContext, ResponsesAPIAgent, ServerCallError,
+                                  ServerConfig, ServerRef, check_header, last_assistant_text, new_session_id, require, route)
 
 RELEASE_BATCH_S = 0.1  # finished sessions are released in batches: one call, not one per rollout
 
@@ -35,13 +34,56 @@ def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
     return total
 
 
-def _has_answer(output: list[dict]) -> bool:
-    for item in output:
-        if item.get("type") == "message" and item.get("role", "assistant") == "assistant":
-            for part in item.get("content") or []:
-                if isinstance(part, dict) and part.get("text"):
-                    return True
-    return False
+# Fields of Responses create params the episode reads, and the JSON types each may have (None: absent or null).
+NUMBER = (int, float)
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "input": (str, list), "tools": (list,), "instructions": (str,), "tool_choice": (str, dict), "model": (str,),
+    "max_output_tokens": (int,), "temperature": NUMBER, "top_p": NUMBER, "parallel_tool_calls": (bool,),
+    "metadata": (dict,),
+}
+TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", bool: "true or false"}
+
+
+def check_create_params(params: Any, where: str) -> dict:
+    """The Responses create params an episode can run, or a 400 naming the field that is wrong."""
+    if not isinstance(params, dict):
+        raise HTTPError(400, f"{where}: must be a JSON object, got {type(params).__name__}")
+    for key, types in PARAM_TYPES.items():
+        value = params.get(key)
+        wrong_bool = isinstance(value, bool) and bool not in types  # JSON true is not a number here
+        if value is not None and (wrong_bool or not isinstance(value, types)):
+            expected = "a number" if types == NUMBER else " or ".join(TYPE_NAMES[t] for t in types)
+            raise HTTPError(400, f"{where}: field '{key}' must be {expected}, got {orjson.dumps(value)[:80].decode()}")
+    for key in ("input", "tools"):
+        items = params.get(key)
+        for i, item in enumerate(items if isinstance(items, list) else ()):
+            if not isinstance(item, dict):
+                raise HTTPError(400, f"{where}: field '{key}[{i}]' must be an object, got {type(item).__name__}")
+    return params
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not key.startswith("_ng_"):
+                sums[key] = sums.get(key, 0.0) + float(value)
+                counts[key] = counts.get(key, 0) + 1
+    return {f"mean/{key}": sums[key] / counts[key] for key in sums}
+
+
+def mean_metrics(verify_responses: list) -> dict:
+    """NeMo Gym's aggregate shape from the numeric fields of the verify responses: their means over
+    all rollouts (agent_metrics) and per task (group_level_metrics); key_metrics: the reward's."""
+    rows = [r for r in verify_responses if isinstance(r, dict)]
+    tasks: dict[Any, list[dict]] = {}
+    for row in rows:
+        tasks.setdefault(row.get("_ng_task_index", 0), []).append(row)
+    agent = _means(rows)
+    key = {k: v for k, v in agent.items() if k == "mean/reward"}
+    groups = [{"_ng_task_index": task, **_means(group)} for task, group in sorted(tasks.items(), key=lambda t: str(t[0]))]
+    return {"agent_metrics": agent, "key_metrics": key, "group_level_metrics": groups}
 
 
 @dataclass(kw_only=True)
@@ -73,19 +115,21 @@ class SimpleAgent(ResponsesAPIAgent):
 
     @route("/v1/responses")
     async def responses(self, body: Any, ctx: RequestContext) -> Any:
-        if not isinstance(body, dict):
-            raise HTTPError(400, "request body must be a JSON object (Responses create params)")
+        body = check_create_params(body, "request body (Responses create params)")
         return await self._episode(body, ctx.session_id, ctx.headers.get(GROUP_HEADER) if ctx.headers else None)
 
     @route("/run")
     async def run(self, body: Any, ctx: RequestContext) -> Any:
-        params = require(body, "responses_create_params", dict, where="dataset row")
+        params = check_create_params(require(body, "responses_create_params", dict, where="dataset row"),
+                                     "dataset row: responses_create_params")
         session_id = new_session_id()  # one rollout = one session
         group = body.get("_ng_task_index")
-        if group is not None and any(c in str(group) for c in "\r\n\0"):
-            # It becomes the X-Group-ID header: a row must not be able to add headers of its own.
-            raise HTTPError(400, "dataset row: field '_ng_task_index' contains CR, LF or NUL")
         group = None if group is None else f"{self.name}:{group}"
+        if group is not None:
+            try:  # it becomes the X-Group-ID header: a row must not be able to add headers of its own
+                check_header(GROUP_HEADER, group)
+            except InvalidRequest:
+                raise HTTPError(400, "dataset row: field '_ng_task_index' contains CR, LF or NUL") from None
         try:
             await self._call(self.resources_server, "/seed_session", body, session_id)
             response = await self._episode(params, session_id, group)
@@ -100,12 +144,25 @@ class SimpleAgent(ResponsesAPIAgent):
         session_ids, self._to_release, self._release_task = self._to_release, [], None
         if not session_ids:
             return
+        self.client.forget_sessions(session_ids)  # the cookies servers set for them
         try:
             # Every replica of the model: each forgets the sessions it holds.
             await self.client.post_each(self.model_server, "/release_session", {"session_ids": session_ids},
                                         retry_statuses=frozenset(), idempotent=True)
         except ServerCallError:
             pass  # best effort: the model's session table also expires idle sessions
+
+    @route("/aggregate_metrics")
+    async def aggregate_metrics(self, body: Any, ctx: RequestContext) -> Any:
+        """`{verify_responses: [...]}` -> `{agent_metrics, key_metrics, group_level_metrics}`."""
+        verify_responses = require(body, "verify_responses", list)
+        try:
+            return await self.client.post(self.resources_server, "/aggregate_metrics", body, idempotent=True)
+        except ServerCallError as e:
+            if e.status not in (404, 405):
+                raise HTTPError(502, f"{self.name}: /aggregate_metrics on {self.resources_server} failed: {e.message}",
+                                "upstream_error") from None
+        return mean_metrics(verify_responses)
 
     async def on_shutdown(self) -> None:
         if self._release_task is not None:
@@ -138,7 +195,7 @@ class SimpleAgent(ResponsesAPIAgent):
             calls = [item for item in turn if item.get("type") == "function_call"]
             if response.get("status") == "incomplete":
                 break  # e.g. the context is full: end cleanly, verify what we have
-            if not calls and _has_answer(turn):
+            if not calls and last_assistant_text(turn):
                 break
             for call in calls:
                 outputs.append(await self._run_tool(call, tool_names, session_id))

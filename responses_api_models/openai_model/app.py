@@ -8,9 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_gym_cli.serving import HTTPError, RequestContext, route
-from nemo_gym_cli.routing.model_server import UpstreamModel, check_response
-from nemo_gym_cli.routing.upstream import UpstreamConfig
+from nemo_gym_cli.serving import HTTPError, RequestContext, UpstreamConfig, UpstreamModel, check_response, route
 
 
 @dataclass(kw_only=True)

@@ -9,7 +9,7 @@ Response: ``chat_to_response(chat, params, model=...)`` -> an OpenAI ``Response`
 Context overflow: ``is_context_length_error`` + ``incomplete_response`` end an episode
 cleanly instead of failing it.
 
-Semantics follow NeMo Gym (see DESIGN.md section 4). Whitespace is never stripped, so a
+Semantics follow NeMo Gym's vllm_model adapter. Whitespace is never stripped, so a
 Response's output fed back as the next request's input rebuilds the assistant message
 vLLM sent (``<think>`` blocks come back in front of the text).
 """
@@ -220,12 +220,17 @@ def _reasoning_texts(item: dict) -> list[str]:
     return texts
 
 
-def _assistant_text(content: Any) -> str:
+def _joined_text(content: Any, fields: tuple[str, ...] = ("text",)) -> str:
+    """None -> "", a string as it is, a list of parts -> each part's first non-empty `fields` value, joined."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(part.get("text") or part.get("refusal") or "" for part in content)
+    return "".join(next((part[f] for f in fields if part.get(f)), "") for part in content)
+
+
+def _assistant_text(content: Any) -> str:
+    return _joined_text(content, ("text", "refusal"))
 
 
 def _input_content(content: Any) -> Any:
@@ -249,13 +254,7 @@ def _input_content(content: Any) -> Any:
 
 
 def _tool_output(output: Any) -> str:
-    if output is None:
-        return ""
-    if isinstance(output, str):
-        return output
-    if isinstance(output, list):
-        return "".join(part.get("text") or "" for part in output)
-    return json.dumps(output)
+    return _joined_text(output) if output is None or isinstance(output, (str, list)) else json.dumps(output)
 
 
 def _convert_tool(tool: dict) -> dict:

@@ -44,7 +44,7 @@ def graph(tmp_path):
     def start(config_paths: list[str], env: dict | None = None, args: list[str] = (), colocate: bool = False,
               wait: bool = True, timeout: float = 60, **options) -> Graph:
         colocate = colocate or os.environ.get("NG_TEST_COLOCATE") == "1"
-        g = Graph(tmp_path, list(config_paths), env, list(args), colocate, wait=False, **options)  # host, process_env
+        g = Graph(tmp_path, list(config_paths), env, list(args), colocate, wait=False, **options)  # head_port, host, process_env
         started.append(g)  # stopped at teardown even when it never gets ready
         if wait:
             g.wait_ready(timeout)

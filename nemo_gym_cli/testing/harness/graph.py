@@ -12,6 +12,7 @@ import psutil
 import yaml
 
 from nemo_gym_cli.testing.harness.http_calls import http_json
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.testing.harness.netns import LOCAL, Host
 from nemo_gym_cli.testing.harness.processes import GaveUp, free_port, script, start_process, stop_process, wait_until
 
@@ -33,11 +34,12 @@ class Graph:
     on `host` (netns.py: another network namespace; the head server is reached there)."""
 
     def __init__(self, cwd: Path, config_paths: Iterable[str], env_yaml: dict | None = None, args: Iterable[str] = (),
-                 colocate: bool = False, wait: bool = True, timeout: float = 60, host: Host = LOCAL,
-                 process_env: dict | None = None):
+                 colocate: bool = False, wait: bool = True, timeout: float = 60, head_port: int | None = None,
+                 host: Host = LOCAL, process_env: dict | None = None):
+        """head_port: the head server's port (default: a free one), e.g. to restart a killed graph where it was."""
         self.cwd, self.host = Path(cwd), host
         self.cwd.mkdir(parents=True, exist_ok=True)
-        self.head_port = free_port()
+        self.head_port = head_port or free_port()
         self.head = f"http://127.0.0.1:{self.head_port}"
         if env_yaml is not None:
             (self.cwd / "env.yaml").write_text(yaml.safe_dump(env_yaml))
@@ -63,7 +65,7 @@ class Graph:
         def ready():
             if self.proc.poll() is not None:
                 raise GaveUp(f"ng_run exited with {self.proc.returncode}:\n{self.output()}")
-            servers = self.host.call(http_json, self.head + "/servers", timeout=2)[1]
+            servers = self.host.call(http_json, self.head + HeadClient.SERVERS, timeout=2)[1]
             return servers and all(s["state"] == "ready" for s in servers) and READY_LINE.search(self.output())
 
         try:
@@ -78,7 +80,7 @@ class Graph:
         return self
 
     def servers(self) -> list[dict]:
-        return self.host.call(http_json, self.head + "/servers")[1]
+        return self.host.call(http_json, self.head + HeadClient.SERVERS)[1]
 
     def url(self, name: str) -> str:
         return next(s["url"] for s in self.servers() if s["name"] == name)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import AsyncIterator
 
-from nemo_gym_cli.graph.build import serve
+from nemo_gym_cli.config import ServerSpec
+from nemo_gym_cli.graph.build import load_server_class, serve
 from nemo_gym_cli.serving.base import BaseServer
 from nemo_gym_cli.serving.client import ServerClient
 
@@ -24,3 +26,10 @@ async def served(server: BaseServer) -> AsyncIterator[tuple[str, ServerClient]]:
     finally:
         await client.close()
         await running.stop()
+
+
+def load_environment(folder: str | Path) -> type[BaseServer]:
+    """The server class in `<folder>/app.py` (e.g. `.../resources_servers/my_env`, in this project or
+    anywhere else), imported as ng_run imports it: as `resources_servers.my_env.app`."""
+    folder = Path(folder).resolve()
+    return load_server_class(ServerSpec(folder.name, folder.parent.name, folder.name, {}, folder))

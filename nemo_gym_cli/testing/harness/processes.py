@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -11,9 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import nemo_gym_cli
-
-PROJECT_ROOT = Path(nemo_gym_cli.__file__).resolve().parent.parent  # the source tree (an editable install)
+from nemo_gym_cli.config.paths import PROJECT_ROOT
 PY = sys.executable
 BIN = Path(sys.executable).parent  # the console scripts installed with the project
 
@@ -53,6 +52,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
             last = e
         time.sleep(interval)  # poll interval, not a readiness guess
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what} (last error: {last})")
+
+
+async def wait_until_async(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    """wait_until inside an event loop: the loop runs while it waits. Returns predicate()'s first
+    truthy value; TimeoutError names `what` after `timeout` s (an exception from it is raised)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (result := predicate()):
+        if loop.time() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)  # poll interval, not a readiness guess
+    return result
 
 
 def start_process(argv: list[str], log_path: Path, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:

@@ -182,15 +182,18 @@ def start_real_vllm(port: int, log_path, *, model: str | os.PathLike | None = No
     return srv
 
 
-def start_real_vllms(n: int, log_dir) -> list[RealVLLM]:
+def start_real_vllms(n: int, log_dir, *, flags: list[tuple[list[str], dict]] | None = None) -> list[RealVLLM]:
     """Start n servers at once (startup is ~15 s each; in parallel it overlaps), logs in
-    log_dir/vllm_<i>.log. If any fails, the others are stopped and its error is raised."""
+    log_dir/vllm_<i>.log; `flags[i]` = (extra `vllm serve` args, extra env) of server i, e.g.
+    (["--enable-scale-out"], {"VLLM_SERVER_DEV_MODE": "1"}). If any fails, the others are stopped
+    and its error is raised."""
     started: dict[int, RealVLLM] = {}
     errors: list[BaseException] = []
 
     def start(i: int) -> None:
+        args, env = flags[i] if flags else ([], {})
         try:
-            started[i] = start_real_vllm(free_port(), Path(log_dir) / f"vllm_{i}.log")
+            started[i] = start_real_vllm(free_port(), Path(log_dir) / f"vllm_{i}.log", extra_args=args, env=env)
         except Exception as e:  # noqa: BLE001 - raised below, after the threads end
             errors.append(e)
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
 
 from nemo_gym_cli.testing.harness.http_calls import http_json
-from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT, run_cli
+from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT, run_cli, script, wait_until
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "graph"
 SECRET = "sk-ECHO-SECRET-9876543210"
@@ -61,8 +62,9 @@ def wait_for_exit(g, timeout: float = 30) -> int:
         raise AssertionError(f"ng_run did not exit within {timeout} s:\n{g.output()}") from None
 
 
-def relay(g, session: str) -> tuple[int, dict]:
-    return http_json(g.url("caller") + "/relay", {"q": session}, headers={"X-Session-ID": session}, timeout=60)
+def relay(g, session: str, **body) -> tuple[int, dict]:
+    """caller's /relay to echo: /echo, or /slow with `s=seconds`."""
+    return http_json(g.url("caller") + "/relay", {"q": session, **body}, headers={"X-Session-ID": session}, timeout=60)
 
 
 AGENT = "+agent_name=simple_weather_simple_agent"
@@ -86,3 +88,30 @@ def read_lines(path) -> list[dict]:
 
 def collect(g, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return run_cli("ng_collect_rollouts", [AGENT, f"+head_server.port={g.head_port}", "+progress=false", *args], cwd=g.cwd, timeout=timeout)
+
+
+def collect_in_background(g, out: Path, *args: str, rows: str = "in.jsonl") -> subprocess.Popen:
+    """ng_collect_rollouts over `g` into `out`, running while the test does things to the graph."""
+    return subprocess.Popen([script("ng_collect_rollouts"), AGENT, "+progress=false", f"+head_server.port={g.head_port}",
+                             f"+input_jsonl_fpath={rows}", f"+output_jsonl_fpath={out}", *args],
+                            cwd=g.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def lines_written(out: Path) -> int:
+    return out.read_bytes().count(b"\n") if out.exists() else 0
+
+
+def collect_through_fault(g, out: Path, total: int, fault, *args: str, timeout: float = 300) -> tuple[int, str, float]:
+    """Collect `total` rows of in.jsonl into `out`, calling `fault()` once a quarter is written:
+    (the collector's exit code, its output, seconds from the fault to its end)."""
+    proc = collect_in_background(g, out, *args)
+    try:
+        wait_until(lambda: lines_written(out) >= total // 4, timeout, "a quarter written")
+        fault()
+        t0 = time.monotonic()
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output, time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -12,7 +12,8 @@ Behaviour in one paragraph: with tools and tool_choice "required" (or a named fu
 it always calls a tool; with tool_choice "auto" it calls the first tool while fewer than
 --tool-call-turns tool results follow the last user message; otherwise it answers
 "The answer is: <last user message>" (or "Based on the tool result: ..." right after a
-tool result). A --script file of rules overrides that: {"match": <substring of the prompt>, and
+tool result). A --script file of rules overrides that: {"match": <substring of the prompt, or a list
+of substrings all in it>, and
 "content": <text> | "status": <HTTP error> | "tool_call": {"name", "arguments": <raw string>},
 optionally "reasoning": <text>}; the first matching rule wins.
 

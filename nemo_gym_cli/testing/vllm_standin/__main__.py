@@ -1,3 +1,3 @@
-from nemo_gym_cli.testing.vllm_standin.cli import main
+from nemo_gym_cli.testing.vllm_standin.main import main
 
 main()

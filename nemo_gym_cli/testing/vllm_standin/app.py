@@ -12,6 +12,7 @@ from nemo_gym_cli.testing.vllm_standin import responses
 from nemo_gym_cli.testing.vllm_standin.engine import Standin, StandinConfig, StandinError
 from nemo_gym_cli.testing.vllm_standin.metrics import CONTENT_TYPE, metrics_text
 from nemo_gym_cli.testing.vllm_standin.tokenizer import render_prompt, tokenize_text
+from nemo_gym_cli.testing.vllm_standin.tokens import PAUSE_ROUTES, SCALE_OUT_ROUTES
 from responses_api_models.vllm_model.conversion import responses_to_chat
 
 STANDIN = web.AppKey("standin", Standin)
@@ -111,7 +112,17 @@ async def handle_sessions(request: web.Request) -> web.Response:
 async def handle_stats(request: web.Request) -> web.Response:
     standin = request.app[STANDIN]
     counts = standin.counts
-    return json_response({"requests": counts["chat"] + counts["responses"], **counts, "peak_running": standin.peak_running})
+    return json_response({"requests": counts["chat"] + counts["responses"] + counts["generate"], **counts,
+                          "peak_running": standin.peak_running, "aborted": standin.aborted_requests})
+
+
+def token_route(handler):
+    """A render/generate/derender or pause route: counted and session-recorded like the others."""
+    async def handle(request: web.Request) -> web.Response:
+        standin = _begin(request, handler.__name__.removeprefix("handle_"))
+        body = await read_json(request) if request.method == "POST" and request.path.startswith(("/v1", "/inference")) else None
+        return json_response(await handler(request, standin, body))
+    return handle
 
 
 @web.middleware
@@ -132,6 +143,8 @@ def build_app(config: StandinConfig) -> web.Application:
     app.router.add_post("/v1/responses", handle_responses)
     app.router.add_post("/tokenize", handle_tokenize)
     app.router.add_get("/metrics", handle_metrics)
+    for method, path, handler in (SCALE_OUT_ROUTES if config.scale_out else []) + PAUSE_ROUTES:
+        app.router.add_route(method, path, token_route(handler))
     app.router.add_get("/standin/sessions", handle_sessions)
     app.router.add_get("/standin/stats", handle_stats)
     return app

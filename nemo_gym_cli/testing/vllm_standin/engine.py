@@ -6,11 +6,13 @@ No HTTP here: app.py turns a StandinError into vLLM's error JSON.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from nemo_gym_cli.serving.protocol import content_text
-from nemo_gym_cli.testing.vllm_standin.model import Generation, generate, pick_tool, reasoning_text, text_answer
+from nemo_gym_cli.testing.vllm_standin.model import (Generation, aborted, generate, pick_tool, reasoning_text,
+                                                     text_answer)
 from nemo_gym_cli.testing.vllm_standin.prefix_cache import PrefixCache
 from nemo_gym_cli.testing.vllm_standin.tokenizer import render_prompt, tokenize_text
 
@@ -32,6 +34,11 @@ class StandinConfig:
     port_file: str | None = None
     access_log: bool = False
     prefix_caching: bool = True  # as reported by vllm:cache_config_info
+    scale_out: bool = True  # render/generate/derender (vLLM's --enable-scale-out); pause API always on
+
+
+def _matches(match: str | list[str], text: str) -> bool:
+    return match in text if isinstance(match, str) else all(m in text for m in match)
 
 
 class StandinError(Exception):
@@ -58,9 +65,43 @@ class Standin:
         self.running = 0
         self.peak_running = 0  # most requests ever running at once: tests read it instead of sampling
         self.waiting = 0
-        self.counts = {"chat": 0, "responses": 0, "tokenize": 0}
+        self.counts = dict.fromkeys(("chat", "responses", "tokenize", "render", "generate", "derender", "pause",
+                                     "resume", "is_paused"), 0)
         self.success = {"stop": 0, "length": 0, "abort": 0}
         self.sessions: dict[str, int] = {}
+        # vLLM's RL pause API: new requests wait while paused; mode=abort ends the running ones now.
+        self.paused = False
+        self.aborted_requests = 0
+        self._resumed: asyncio.Event | None = None  # set while serving (created on the server's loop)
+        self._abort: asyncio.Event | None = None  # set (then replaced) by each pause(mode=abort)
+        self._idle: asyncio.Event | None = None  # set while nothing runs (pause(mode=wait) waits for it)
+        self.generations: dict[tuple, tuple[Generation, list[int]]] = {}  # generated ids -> what derender parses
+
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event, asyncio.Event]:
+        if self._resumed is None:
+            self._resumed, self._abort, self._idle = asyncio.Event(), asyncio.Event(), asyncio.Event()
+            self._resumed.set()
+            self._idle.set()
+        return self._resumed, self._abort, self._idle
+
+    async def pause(self, mode: str) -> None:
+        resumed, abort, idle = self._events()
+        self.paused = True
+        resumed.clear()
+        if mode == "abort":
+            abort.set()
+            self._abort = asyncio.Event()
+        elif mode == "wait":
+            await idle.wait()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._events()[0].set()
+
+    def remember(self, output_ids: list[int], gen: Generation, prompt_ids: list[int]) -> None:
+        if len(self.generations) >= MAX_SESSIONS:
+            del self.generations[next(iter(self.generations))]
+        self.generations[tuple(output_ids)] = (gen, prompt_ids)
 
     def record_session(self, session_id: str | None) -> None:
         if not session_id:
@@ -75,10 +116,13 @@ class Standin:
         if not self.config.script:
             return None
         text = "\n".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
-        return next((rule for rule in self.config.script if rule["match"] in text), None)
+        return next((rule for rule in self.config.script if _matches(rule["match"], text)), None)
 
-    async def schedule(self, prompt_ids: list[int], output_tokens: int) -> int:
-        """Wait for a free sequence slot (vLLM's max_num_seqs), 'run', return cached tokens."""
+    async def schedule(self, prompt_ids: list[int], output_tokens: int) -> tuple[int, int]:
+        """Wait for a free sequence slot (vLLM's max_num_seqs), 'run'; (cached tokens, tokens
+        produced: fewer than output_tokens when a pause aborted it)."""
+        resumed, abort, idle = self._events()
+        await resumed.wait()
         if self.sem is None:
             self.sem = asyncio.Semaphore(self.config.max_num_seqs)
         self.waiting += 1
@@ -87,32 +131,37 @@ class Standin:
         finally:
             self.waiting -= 1
         self.running += 1
+        idle.clear()
         if self.running > self.peak_running:
             self.peak_running = self.running
         try:
             hits = self.cache.lookup_and_insert(prompt_ids)
-            delay = (self.config.latency_ms + self.config.per_token_ms * output_tokens) / 1000
+            produced = output_tokens
+            latency_s, per_token_s = self.config.latency_ms / 1000, self.config.per_token_ms / 1000
+            delay = latency_s + per_token_s * output_tokens
             if delay > 0:
-                await asyncio.sleep(delay)  # simulated generation time, not synchronisation
-            return hits
+                t0 = time.monotonic()
+                try:  # simulated generation time, cut short by pause(mode=abort)
+                    await asyncio.wait_for(self._abort.wait(), delay)
+                    ran = time.monotonic() - t0 - latency_s
+                    produced = min(output_tokens - 1, max(0, int(ran / per_token_s))) if per_token_s > 0 else 0
+                    self.aborted_requests += 1
+                except TimeoutError:
+                    pass
+            if produced == output_tokens:
+                await resumed.wait()  # pause(mode=keep): a request finishes only after /resume
+            return hits, produced
         finally:
             self.running -= 1
+            if not self.running:
+                idle.set()
             self.sem.release()
 
-    async def complete(
-        self, messages: list, tools: list, tool_choice: Any, max_tokens: Any, add_gen: bool = True
-    ) -> tuple[Generation, list[int], int]:
-        """Shared core of chat and responses: (Generation, prompt_ids, cached tokens); raises StandinError."""
+    def decide(self, messages: list, tools: list, tool_choice: Any, max_tokens: Any,
+               add_gen: bool = True) -> tuple[list[int], str, dict | None, str | None]:
+        """(prompt ids, text, tool, reasoning): what the "model" answers these messages; raises StandinError."""
         prompt_ids = tokenize_text(render_prompt(messages, tools, add_gen))
-        limit = self.config.context_length
-        if len(prompt_ids) > limit:
-            completion = max_tokens if isinstance(max_tokens, int) else 0
-            raise StandinError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(prompt_ids) + completion} tokens ({len(prompt_ids)} in the messages, {completion} in the "
-                "completion). Please reduce the length of the messages or completion.",
-            )
+        self.check_length(prompt_ids, max_tokens)
         rule = self.script_rule(messages)
         if rule is not None and rule.get("status", 200) >= 400:
             raise StandinError(rule["status"], rule.get("message", "scripted error"), error_type(rule["status"]))
@@ -127,7 +176,27 @@ class Standin:
             reasoning = rule["reasoning"]
         else:
             reasoning = reasoning_text(messages, tool) if self.config.reasoning else None
+        return prompt_ids, text, tool, reasoning
+
+    def check_length(self, prompt_ids: list[int], max_tokens: Any) -> None:
+        limit = self.config.context_length
+        if len(prompt_ids) > limit:
+            completion = max_tokens if isinstance(max_tokens, int) else 0
+            raise StandinError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(prompt_ids) + completion} tokens ({len(prompt_ids)} in the messages, {completion} in the "
+                "completion). Please reduce the length of the messages or completion.",
+            )
+
+    async def complete(
+        self, messages: list, tools: list, tool_choice: Any, max_tokens: Any, add_gen: bool = True
+    ) -> tuple[Generation, list[int], int]:
+        """Shared core of chat and responses: (Generation, prompt_ids, cached tokens); raises StandinError."""
+        prompt_ids, text, tool, reasoning = self.decide(messages, tools, tool_choice, max_tokens, add_gen)
         gen = generate(text, tool, reasoning, max_tokens)
-        cached = await self.schedule(prompt_ids, len(gen.pieces))
-        self.success["length" if gen.finish_reason == "length" else "stop"] += 1
+        cached, produced = await self.schedule(prompt_ids, len(gen.pieces))
+        if produced < len(gen.pieces):
+            gen = aborted(gen, produced)
+        self.success[gen.finish_reason if gen.finish_reason in ("length", "abort") else "stop"] += 1
         return gen, prompt_ids, cached

@@ -125,6 +125,15 @@ def generate(text: str, tool: dict | None, reasoning: str | None, max_tokens: An
     return Generation(text, reasoning, None, "stop", r_pieces + pieces, len(r_pieces))
 
 
+def aborted(gen: Generation, produced: int) -> Generation:
+    """What a pause (mode=abort) leaves of a generation: its first `produced` tokens, as text."""
+    pieces = gen.pieces[:produced]
+    reasoning_tokens = min(gen.reasoning_tokens, produced)
+    text = " ".join(piece for piece, _ in pieces[reasoning_tokens:])
+    reasoning = " ".join(piece for piece, _ in pieces[:reasoning_tokens]) if gen.reasoning is not None else None
+    return Generation(text, reasoning, None, "abort", pieces, reasoning_tokens)
+
+
 def reasoning_text(messages: list, tool: dict | None) -> str:
     plan = f"call the tool {tool.get('name', '')}" if tool is not None else "answer directly"
     return f"The user asked: {last_user_text(messages)[:40]}. I should {plan}."

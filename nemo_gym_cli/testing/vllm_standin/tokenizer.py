@@ -1,7 +1,9 @@
 """The stand-in's tokenizer and chat template.
 
 Tokens are words and single punctuation characters, each mapped to a stable id; whitespace is
-dropped, so a piece boundary always falls on whitespace or punctuation. The template is
+dropped, so a piece boundary always falls on whitespace or punctuation. The template's markers
+(`<|im_start|>`, `<|im_end|>`) are one token each, like a real tokenizer's special tokens; a
+generation ends with END_OF_TURN, as vLLM keeps the EOS token it stopped on. The template is
 ChatML-like and append-only across turns (turn 2's prompt starts with turn 1's prompt), which
 is what makes the prefix cache hit.
 """
@@ -18,7 +20,8 @@ from nemo_gym_cli.serving.protocol import content_text
 
 VOCAB_SIZE = 50_000
 
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+_TOKEN_RE = re.compile(r"<\|im_start\|>|<\|im_end\|>|\w+|[^\w\s]")
+END_OF_TURN_TEXT = "<|im_end|>"
 _piece_ids: dict[str, int] = {}  # crc32 is cheap, but a dict hit is cheaper on hot paths
 
 
@@ -29,6 +32,10 @@ def piece_id(piece: str) -> int:
             _piece_ids.clear()
         token_id = _piece_ids[piece] = zlib.crc32(piece.encode()) % VOCAB_SIZE
     return token_id
+
+
+def end_of_turn_id() -> int:
+    return piece_id(END_OF_TURN_TEXT)
 
 
 def tokenize_text(text: str) -> list[int]:

@@ -166,7 +166,8 @@ def test_config_mistakes_are_startup_errors_naming_the_key(tmp_path):
 
 
 def test_the_example_dataset_has_five_questions_with_answers():
-    rows = [json.loads(line) for line in (PROJECT_ROOT / "resources_servers/equivalence_llm_judge/data/example.jsonl").read_text().splitlines()]
+    example = PROJECT_ROOT / "resources_servers/equivalence_llm_judge/data/example.jsonl"
+    rows = [json.loads(line) for line in example.read_text().splitlines()]
     assert len(rows) == 5
     for r in rows:
         assert r["expected_answer"] and r["responses_create_params"]["input"][-1]["role"] == "user"

@@ -8,7 +8,8 @@ import pytest
 import pytest_asyncio
 
 from nemo_gym_cli.graph.build import serve
-from nemo_gym_cli.serving.client import ServerCallError, ServerClient
+from nemo_gym_cli.serving.client import ServerClient
+from nemo_gym_cli.serving.errors import ServerCallError
 from resources_servers.math_verify.app import MathVerifyResourcesServer
 
 HUGE = r"\boxed{9^{9^{9^{9}}}}"  # a tower of powers: sympy would take ages to compare it

@@ -4,7 +4,7 @@ of CPU, like an environment that grades in-process (math checking, code tests)."
 import time
 from dataclasses import dataclass
 
-from nemo_gym_cli.config.typed import ServerConfig
+from nemo_gym_cli.serving import ServerConfig
 from resources_servers.simple_weather.app import SimpleWeatherResourcesServer
 from nemo_gym_cli.serving import route
 

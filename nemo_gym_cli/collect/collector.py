@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import time
@@ -16,14 +17,16 @@ from pathlib import Path
 import orjson
 
 from nemo_gym_cli.collect import jobs as J
-from nemo_gym_cli.collect.api import RETRY_BACKOFF_S, Outcome, RolloutRun, collector_client, list_agents, model_servers
-from nemo_gym_cli.collect.autoconcurrency import AUTO_START, DEFAULT_MAXIMUM, AutoConcurrency, adapters_reader
-from nemo_gym_cli.collect.limit import ConcurrencyLimit
+from nemo_gym_cli.collect.api import (DEFAULTS, Outcome, RolloutRun, collector_client, list_agents, model_servers,
+                                      start_run, starting_limit)
+from nemo_gym_cli.collect.autoconcurrency import AutoConcurrency
 from nemo_gym_cli.collect.publish import ProgressPublisher
 from nemo_gym_cli.collect.report import backend_counts, report, spread
 from nemo_gym_cli.collect.stats import Stats
 from nemo_gym_cli.config import AGENT_SERVERS, Composed, head_url, resolve_path
-from nemo_gym_cli.serving.client import ServerCallError
+from nemo_gym_cli.config.nemo_gym import nemo_gym_roots
+from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.logs import make_console
 
 HELP = """usage: ng_collect_rollouts +input_jsonl_fpath=IN.jsonl +output_jsonl_fpath=OUT.jsonl [+agent_name=NAME]
@@ -56,15 +59,63 @@ Failures never stop the run: a rollout that fails, a row naming an agent the gra
 have, and an input line that is not JSON or has no responses_create_params (named by file and
 line number), go to OUT_failures.jsonl with the attempts made and each reason. Exit code: 0 if
 every rollout succeeded, 1 if some failed, 2 for a setup error (bad flag, missing file, no
-ng_run, unknown +agent_name), 130 if interrupted.
+ng_run, unknown +agent_name, another collector writing OUT.jsonl), 74 if OUT.jsonl or
+OUT_failures.jsonl could not be written (e.g. the disk is full: the run stops, the output keeps
+whole lines only, +resume=true completes it), 75 if ng_run went away mid-run, 130 if interrupted.
+ng_run gone (its head server refuses connections): nothing new is sent, the run waits
++graph_wait_s=60 for it to come back, then ends; rollouts that found nothing listening cost
+no attempt and are not written anywhere, so +resume=true after restarting ng_run completes the set.
 Ctrl-C / SIGTERM: stop taking rows, let in-flight rollouts finish (+shutdown_grace_s=30),
 write the summary; a second Ctrl-C stops at once. The summary (totals, then one row per agent
 with pass@k) also goes to OUT_metrics.json.
 """
 
 
+EXIT_WRITE_FAILED = 74  # sysexits.h EX_IOERR: not "some rows failed" (1), nor a setup error (2)
+EXIT_GRAPH_GONE = 75  # EX_TEMPFAIL: ng_run went away; resume once it is back
+
+
 class SetupError(Exception):
     """Wrong flags or setup, found before any rollout starts."""
+
+
+class WriteFailed(Exception):
+    """The output or the failures file could not be written (e.g. ENOSPC): the run stops."""
+
+
+class LineFile:
+    """An append-only JSONL file written one whole line per call: a write that fails or comes up
+    short (a full disk) is cut back to the last whole line and raises WriteFailed."""
+
+    def __init__(self, path: Path, truncate: bool = False):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0), 0o644)
+        self.size = os.fstat(self.fd).st_size  # where the last whole line ends (we are the only writer)
+
+    def lock(self) -> bool:
+        """Hold the file for this process (released on exit, also on SIGKILL); False if another has it."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def sync_size(self) -> None:
+        self.size = os.fstat(self.fd).st_size
+
+    def append(self, line: bytes) -> None:
+        try:
+            written = os.write(self.fd, line)
+            while written < len(line):  # a short write: the rest raises when the disk is full
+                written += os.write(self.fd, line[written:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror or e}") from None
+        self.size += len(line)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def positive_int(config: dict, key: str, allow_zero: bool = False) -> int:
@@ -88,30 +139,31 @@ class Collector:
         self.config = cfg = composed.config
         self.console = make_console(stderr=True)
         self.agent = str(cfg["agent_name"]) if cfg.get("agent_name") else None
-        found = resolve_path(str(cfg["input_jsonl_fpath"]))
+        found = resolve_path(str(cfg["input_jsonl_fpath"]), extra_roots=nemo_gym_roots(cfg))
         if found is None or not found.is_file():
-            raise SetupError(f"+input_jsonl_fpath: file '{cfg['input_jsonl_fpath']}' not found "
-                             f"(looked in the current directory, then the project root)")
+            raise SetupError(f"+input_jsonl_fpath: file '{cfg['input_jsonl_fpath']}' not found (looked in the current "
+                             f"directory, the project root, then the NeMo Gym tree of +nemo_gym.python when set)")
         self.input = found
         self.output = Path(str(cfg["output_jsonl_fpath"])).expanduser().absolute()
         self.failures_path, self.metrics_path = J.out_paths(self.output)
         key = "num_samples_in_parallel" if cfg.get("num_samples_in_parallel") else "concurrency"
-        self.auto_max = None  # +concurrency=auto: a controller moves the limit (autoconcurrency.py)
-        if cfg.get(key) == "auto":
-            self.auto_max = positive_int(cfg, "concurrency_max") if cfg.get("concurrency_max") is not None else DEFAULT_MAXIMUM
-        self.limit = ConcurrencyLimit(min(AUTO_START, self.auto_max) if self.auto_max else positive_int(cfg, key))
+        # +concurrency=auto: a controller moves the limit (autoconcurrency.py), up to auto_max
+        auto = cfg.get(key) == "auto"
+        maximum = positive_int({**DEFAULTS, **cfg}, "concurrency_max") if auto else None  # (ng_reverify's config has none)
+        self.limit, self.auto_max = starting_limit("auto" if auto else positive_int(cfg, key), maximum)
         self.auto: AutoConcurrency | None = None
         try:
             self.repeats = J.Repeats(cfg.get("num_repeats", 1))
         except ValueError as e:
             raise SetupError(str(e)) from None
-        self.max_attempts = positive_int(cfg, "max_attempts") if cfg.get("max_attempts") is not None else 3
+        self.max_attempts = positive_int(cfg, "max_attempts")
         self.rows_limit = None if cfg.get("limit") is None else positive_int(cfg, "limit", allow_zero=True)
         self.params = cfg.get("responses_create_params") or {}
         if not isinstance(self.params, dict):
-            raise SetupError(f"+responses_create_params must be a mapping, e.g. '+responses_create_params={{temperature:0.7}}', got {self.params!r}")
+            raise SetupError("+responses_create_params must be a mapping, e.g. '+responses_create_params={temperature:0.7}', "
+                             f"got {self.params!r}")
         self.resume = bool(cfg.get("resume"))
-        self.grace_s = float(cfg.get("shutdown_grace_s", 30))
+        self.grace_s = float(cfg["shutdown_grace_s"])
         self.client = collector_client(head_url(cfg), cfg.get("http_client"), self.auto_max or self.limit.value)
         self.stats = Stats(self.repeats.of)
         self.interrupted = False
@@ -123,7 +175,8 @@ class Collector:
             agents = await list_agents(self.client)
         except ServerCallError as e:
             raise SetupError(f"no ng_run head server at {self.client.head_url} ({e.message}). Start the servers first: "
-                             f"ng_run \"+config_paths=[...]\" (or point at them with +head_server.host=... +head_server.port=...)") from None
+                             'ng_run "+config_paths=[...]" (or point at them with +head_server.host=... '
+                             "+head_server.port=...)") from None
         names = {s["name"] for s in agents}
         if self.agent is not None and self.agent not in names:
             raise SetupError(f"+agent_name={self.agent}: no such agent on {self.client.head_url} "
@@ -133,7 +186,7 @@ class Collector:
     async def pass_thresholds(self, agents: set[str]) -> dict[str, float]:
         """Each agent's `pass_threshold` from the graph's config (default 1.0)."""
         try:
-            config = await self.client.request_json("GET", f"{self.client.head_url}/config", server="head server", timeout_s=5, retries=1)
+            config = await HeadClient(self.client).config()
         except ServerCallError:
             return {}
         thresholds = {}
@@ -148,7 +201,16 @@ class Collector:
         if self.output.exists() and not self.resume:
             raise SetupError(f"output {self.output} already exists: use +resume=true to complete it, "
                              f"or choose another +output_jsonl_fpath")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            out = LineFile(self.output)
+        except OSError as e:
+            raise SetupError(f"cannot open the output {self.output}: {e.strerror or e}") from None
+        if not out.lock():  # before reading it: another collector may be mid-write
+            out.close()
+            raise SetupError(f"output {self.output} is being written by another {self.command} (it holds the "
+                             f"file's lock): wait for it to end, stop it, or choose another +output_jsonl_fpath")
+        self.out = out
         done, failed = set(), {}
         if self.resume:
             def earlier(row: dict) -> None:  # rollouts of earlier runs count in pass@k
@@ -156,9 +218,12 @@ class Collector:
                 self.stats.add_earlier(agent, int(row["_ng_task_index"]), row)
             done = J.read_done(self.output, on_row=earlier)
             failed = J.read_failed(self.failures_path)  # read before the file is started anew
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        self.out_fd = os.open(self.output, flags, 0o644)
-        self.fail_fd = os.open(self.failures_path, flags | os.O_TRUNC, 0o644)
+        out.sync_size()  # read_done cut off a torn last line
+        try:
+            self.failures = LineFile(self.failures_path, truncate=True)
+        except OSError as e:
+            out.close()
+            raise SetupError(f"cannot open {self.failures_path}: {e.strerror or e}") from None
         return done, failed
 
     async def prepare(self, agents: set[str]) -> None:
@@ -185,39 +250,59 @@ class Collector:
         backends_before = await backend_counts(self.client, models)
         done, failed = self.open_outputs()
         skipped = [0]
-        self.run_ = run = RolloutRun(self.jobs(done, failed, skipped), self.client, self.limit,
-                                     max_attempts=self.max_attempts, agents=agents, call=self.call,
-                                     backoff_s=float(self.config.get("retry_backoff_s", RETRY_BACKOFF_S)))
+        run, self.auto = start_run(self.jobs(done, failed, skipped), self.client, self.limit, auto_max=self.auto_max,
+                                   models=models, max_attempts=self.max_attempts, agents=agents, call=self.call,
+                                   backoff_s=float(self.config["retry_backoff_s"]),
+                                   backoff_max_s=float(self.config["retry_backoff_max_s"]),
+                                   graph_wait_s=float(self.config["graph_wait_s"]))
+        self.run_ = run
         self.total_rollouts = self.total(done)
         progress = self._progress(self.total_rollouts)
-        if self.auto_max:
-            self.auto = AutoConcurrency(self.limit, adapters_reader(self.client, models), run.in_flight, maximum=self.auto_max)
-            self.auto.start()
         publisher = ProgressPublisher(self.client, self.client.head_url, self.agent or "(per row)", str(self.output),
                                       self.progress_numbers)
         publisher.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
+        reason = None  # why the run failed, shown on the head server's board
+        write_failed: WriteFailed | None = None
         try:
             async with contextlib.aclosing(run.__aiter__()) as outcomes:
                 async for outcome in outcomes:
                     self._write(outcome)
                     if progress is not None:
                         self._tick(progress)
+        except WriteFailed as e:  # leaving the loop cancels the rollouts in flight: resume redoes them
+            write_failed, reason = e, str(e)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            raise
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if progress is not None:
                 progress.close()
-            os.close(self.out_fd)
-            os.close(self.fail_fd)
+            self.out.close()
+            self.failures.close()
             if self.auto is not None:
                 await self.auto.stop()
-            await publisher.stop("interrupted" if self.interrupted else "finished")
+            reason = reason or run.graph.lost
+            state = "failed" if reason else "interrupted" if self.interrupted else "finished"
+            await publisher.stop(state, reason)
+        if write_failed is not None:
+            self.console.print(f"{self.command}: stopped: {write_failed}; {self.stats.done} rollouts written to "
+                               f"{self.output} this run ({skipped[0]} from before), {self.stats.failed} failures "
+                               f"recorded. Fix that (e.g. free space), then complete the run with the same command "
+                               f"and +resume=true", style="red", markup=False)
+            return EXIT_WRITE_FAILED
         self.stats.skipped = skipped[0]
         per_backend = spread(backends_before, await backend_counts(self.client, models))
         report(self, per_backend)
+        if run.graph.lost:
+            self.console.print(f"{self.command}: {run.graph.lost}. {self.stats.done} rollouts are written to {self.output}, "
+                               f"{run.not_run} did not run. Start ng_run again, then complete this run with the same command "
+                               f"and +resume=true.", style="red", markup=False)
+            return EXIT_GRAPH_GONE
         if self.interrupted:
             return 130
         return 1 if self.stats.failed else 0
@@ -225,11 +310,11 @@ class Collector:
     def _write(self, outcome: Outcome) -> None:
         job = outcome.job
         if outcome.ok:
-            os.write(self.out_fd, orjson.dumps(outcome.result) + b"\n")  # one whole line, one write
+            self.out.append(orjson.dumps(outcome.result) + b"\n")  # one whole line, one write
             self.stats.add_result(job.agent, job.task, outcome.result, outcome.latency)
             return
+        self.failures.append(orjson.dumps(outcome.failure_record()) + b"\n")
         self.stats.add_failure(job.agent)
-        os.write(self.fail_fd, orjson.dumps(outcome.failure_record()) + b"\n")
         if job.line is not None and job.status == 400 and not job.exhausted and job.rollout <= 0:
             self.console.print(f"skipped: {outcome.error}", style="yellow", markup=False)
 

@@ -7,6 +7,9 @@ Every backend URL is checked in parallel, bounded to a few seconds in all:
 - vLLM backends only: `GET <root>/metrics` -> a warning when `vllm:cache_config_info` does
   not say `enable_prefix_caching="True"` (sticky sessions then buy nothing); `max_model_len`
   from /models is noted.
+- token-exact adapters only: every backend must serve vLLM's token-in/token-out routes
+  (`/v1/chat/completions/render`, `/inference/v1/generate`), else an error naming the URL and
+  `--enable-scale-out` (ng_run exits 2 rather than fail every turn later).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from typing import Any
 import orjson
 
 from nemo_gym_cli.routing.backend import Backend
-from nemo_gym_cli.routing.vllm_metrics import scrape
+from nemo_gym_cli.model_adapter.vllm_gauges import scrape
 
-PREFLIGHT_TIMEOUT_S = 5.0
+SCALE_OUT_ROUTES = ("/v1/chat/completions/render", "/inference/v1/generate")  # paths under the root URL
 
 
 def _served_models(data: Any) -> list[dict] | None:
@@ -30,8 +33,28 @@ def _served_models(data: Any) -> list[dict] | None:
     return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
+async def check_scale_out(client, backend: Backend, model: str, headers: dict, timeout_s: float) -> str | None:
+    """None when the backend serves render and generate, else what is wrong. Render gets a tiny
+    chat (200 with token ids); generate an empty body (a validation error proves the route)."""
+    probes = ({"model": model, "messages": [{"role": "user", "content": "preflight"}]}, {})
+    for path, body in zip(SCALE_OUT_ROUTES, probes):
+        url = backend.root_url + path
+        try:
+            status, raw = await asyncio.wait_for(client.raw_request("POST", url, orjson.dumps(body), headers, timeout_s),
+                                                 timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - no answer: reported like a missing route
+            status, raw = None, f"{type(e).__name__}: {e}".encode()
+        if status == 404 or status is None or (path.endswith("/render") and status != 200):
+            said = f"HTTP {status}" if status is not None else raw.decode(errors="replace")
+            return (f"{url} is not served ({said}): token_exact needs vLLM >= 0.32 started with --enable-scale-out "
+                    f"(or set token_exact: false)")
+    return None
+
+
 async def check_backend(client, backend: Backend, model: str, headers: dict, *, vllm: bool,
-                        timeout_s: float) -> dict[str, Any]:
+                        timeout_s: float, token_exact: bool = False) -> dict[str, Any]:
     """One backend: reachable? serves `model`? (vLLM: prefix caching on? max_model_len?)"""
     entry: dict[str, Any] = {"url": backend.url, "reachable": False, "serves": None, "error": None,
                              "max_model_len": None, "prefix_caching": None}
@@ -62,15 +85,17 @@ async def check_backend(client, backend: Backend, model: str, headers: dict, *, 
     if metrics is not None:
         gauges, _ = await metrics
         entry["prefix_caching"] = gauges["prefix_caching"]
+    if token_exact and entry["reachable"] and not entry["error"]:
+        entry["error"] = await check_scale_out(client, backend, model, headers, timeout_s)
     return entry
 
 
-async def preflight(upstream, model: str, *, vllm: bool, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> dict[str, Any]:
+async def preflight(upstream, model: str, *, vllm: bool, timeout_s: float, token_exact: bool = False) -> dict[str, Any]:
     """Check every backend of `upstream`; returns {backends, errors, warnings}. Unreachable
     backends (when others answer) are marked down in the router, so no session lands there."""
     router, client = upstream.router, upstream.server.client
-    entries = await asyncio.gather(*(check_backend(client, b, model, upstream.headers, vllm=vllm, timeout_s=timeout_s)
-                                     for b in router.backends))
+    entries = await asyncio.gather(*(check_backend(client, b, model, upstream.headers, vllm=vllm, timeout_s=timeout_s,
+                                                   token_exact=token_exact) for b in router.backends))
     errors: list[str] = []
     warnings: list[str] = []
     reachable = [e for e in entries if e["reachable"]]

@@ -3,9 +3,12 @@
 One Router over the configured base URLs (sticky sessions, load-aware placement, failover,
 active health checks); each attempt has a timeout; 429 and 500 are retried on the same backend
 with backoff, while refused/reset/timed-out connections and 502/503/504 fail over to another
-backend (inference calls are safe to repeat). An answer that is not valid HTTP, not JSON, or
-fails the caller's check (e.g. a 200 without `choices`) fails that request with a 502 naming
-the backend and counts as an error of that backend; it is never passed on as a success.
+backend (inference calls are safe to repeat). An answer that is not valid HTTP, not JSON, larger
+than `max_answer_bytes` (refused unread when its Content-Length says so), or fails the caller's
+check (e.g. a 200 without `choices`) is a MalformedAnswer: never passed on as a success, counted
+as `malformed` for that backend, retried on another one; the router marks a backend that keeps
+doing it down (RoutingSettings.malformed_answers). With no other backend it fails that request
+with a 502 naming the backend.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from typing import Any, Callable
 
 import orjson
 
+from nemo_gym_cli.config.secrets import NO_API_KEY
 from nemo_gym_cli.config.typed import ServerConfig
-from nemo_gym_cli.routing import (UNAVAILABLE_EXCEPTIONS, UNAVAILABLE_STATUSES, Backend, BackendUnavailable, Router,
+from nemo_gym_cli.routing import (UNAVAILABLE_STATUSES, Backend, BackendUnavailable, MalformedAnswer, Router,
                                   RoutingSettings)
 from nemo_gym_cli.serving.base import BaseServer
-from nemo_gym_cli.serving.client import backoff_delay, error_message
-from nemo_gym_cli.serving.http11 import ProtocolError
+from nemo_gym_cli.serving.errors import UNAVAILABLE_ERRORS, backoff_delay, error_message
+from nemo_gym_cli.serving.http11 import BodyCap, ProtocolError
 from nemo_gym_cli.serving.protocol import GROUP_HEADER, SESSION_HEADER, HTTPError, RequestContext
 
 RETRY_SAME_BACKEND = frozenset({429, 500})
@@ -30,12 +34,11 @@ Check = Callable[[Any], "str | None"]
 
 
 class UpstreamError(Exception):
-    """The upstream answered with an error that is the request's fault (4xx) or persisted (5xx),
-    or (`malformed`) with an answer we cannot use; `status` is then ours (502)."""
+    """The upstream answered with an error that is the request's fault (4xx) or persisted (5xx)."""
 
-    def __init__(self, status: int, message: str, backend: str, malformed: bool = False):
-        super().__init__(f"{backend}: {message}" if malformed else f"{backend}: HTTP {status}: {message}")
-        self.status, self.message, self.backend, self.malformed = status, message, backend, malformed
+    def __init__(self, status: int, message: str, backend: str):
+        super().__init__(f"{backend}: HTTP {status}: {message}")
+        self.status, self.message, self.backend = status, message, backend
 
 
 def _snippet(raw: bytes) -> str:
@@ -51,6 +54,10 @@ class UpstreamConfig(ServerConfig, RoutingSettings):
     model: str  # the model name the upstream serves (sent in every request)
     api_key: str | None = None  # sent as a Bearer token unless empty or "EMPTY"
     timeout_s: float = 600  # per upstream request
+    # An upstream answer (one Chat Completion) larger than this is refused, unread when its Content-Length
+    # says so, so a backend sending garbage cannot fill the adapter's memory. 32 MiB holds a 32k-token
+    # generation with top-5 logprobs; http_client.max_response_bytes (1 GiB) caps our own servers' answers.
+    max_answer_bytes: int = 32 * 1024 * 1024
     max_retries: int = 3  # 429/500 retried on the same backend; refused/reset/timeouts fail over
     preflight_timeout_s: float = 5  # ng_run's check of every backend (all in parallel) takes at most this long
 
@@ -62,10 +69,11 @@ class Upstream:
         cfg: UpstreamConfig = server.config
         self.server = server
         self.headers = {"Content-Type": "application/json"}
-        if cfg.api_key and cfg.api_key != "EMPTY":
+        if cfg.api_key and cfg.api_key != NO_API_KEY:
             self.headers["Authorization"] = f"Bearer {cfg.api_key}"
         self.timeout_s = cfg.timeout_s
         self.max_retries = cfg.max_retries
+        self.answer_cap = BodyCap(cfg.max_answer_bytes, "max_answer_bytes")
         self.router = Router(cfg, probe=lambda url, timeout_s: server.client.health_status(url, timeout_s),  # the requests' client
                              registry=server.registry)
 
@@ -84,20 +92,20 @@ class Upstream:
             for retry in range(self.max_retries + 1):
                 try:
                     status, raw = await self.server.client.raw_request("POST", url, data, headers, self.timeout_s,
-                                                                       idempotent=True)
+                                                                       idempotent=True, cap=self.answer_cap)
                 except ProtocolError as e:
-                    raise UpstreamError(502, f"sent a malformed answer ({e})", backend.url, True) from None
-                except UNAVAILABLE_EXCEPTIONS as e:
+                    raise MalformedAnswer(f"sent a malformed answer ({e})", backend.url) from None
+                except UNAVAILABLE_ERRORS as e:
                     raise BackendUnavailable(f"{type(e).__name__}: {e}".rstrip(": ")) from None
                 if status < 400:
                     try:
                         parsed = orjson.loads(raw)
                     except orjson.JSONDecodeError:
-                        raise UpstreamError(502, f"answered HTTP {status} with a body that is not JSON: "
-                                                 f"{_snippet(raw)}", backend.url, True) from None
+                        raise MalformedAnswer(f"answered HTTP {status} with a body that is not JSON: {_snippet(raw)}",
+                                              backend.url) from None
                     problem = check(parsed) if check is not None else None
                     if problem:
-                        raise UpstreamError(502, f"answered HTTP {status} {problem}: {_snippet(raw)}", backend.url, True)
+                        raise MalformedAnswer(f"answered HTTP {status} {problem}: {_snippet(raw)}", backend.url)
                     return parsed, backend
                 if status in UNAVAILABLE_STATUSES:
                     raise BackendUnavailable(f"HTTP {status}")
@@ -107,7 +115,7 @@ class Upstream:
                     except orjson.JSONDecodeError:
                         parsed = None
                     raise UpstreamError(status, error_message(parsed, raw[:500].decode(errors="replace")), backend.url)
-                await asyncio.sleep(backoff_delay(retry, 0.25, 4.0))
+                await asyncio.sleep(backoff_delay(retry, self.server.client.backoff_base, self.server.client.backoff_max))  # http_client's
             raise AssertionError("unreachable")
 
         return await self.router.call(session_id, attempt, group_key=group_key)
@@ -116,17 +124,23 @@ class Upstream:
                    check: Check | None = None) -> Any:
         """post() for a request handler: the session and group of the request, errors as HTTPError
         (the upstream's status and message; 503 when no backend could take it)."""
+        return (await self.exchange(ctx, path, payload, at_root=at_root, check=check))[0]
+
+    async def exchange(self, ctx: RequestContext, path: str, payload: Any, *, at_root: bool = False,
+                       check: Check | None = None) -> tuple[Any, Backend]:
+        """call(), and the backend that answered (to wait on it when it was paused)."""
         group = ctx.headers.get(GROUP_HEADER) if ctx.headers else None
         name = self.server.name
         try:
-            data, _ = await self.post(path, payload, session_id=ctx.session_id, group_key=group, at_root=at_root,
-                                      check=check)
-            return data
+            return await self.post(path, payload, session_id=ctx.session_id, group_key=group, at_root=at_root,
+                                   check=check)
         except BackendUnavailable as e:
             raise HTTPError(503, f"{name}: no upstream server could take the request: {e}", "upstream_unavailable") from None
+        except MalformedAnswer as e:
+            raise HTTPError(502, f"{name}: upstream {e.backend} {e.message}", "upstream_error") from None
         except UpstreamError as e:
-            said = e.message if e.malformed else f"answered HTTP {e.status}: {e.message}"
-            raise HTTPError(e.status, f"{name}: upstream {e.backend} {said}", "upstream_error") from None
+            raise HTTPError(e.status, f"{name}: upstream {e.backend} answered HTTP {e.status}: {e.message}",
+                            "upstream_error") from None
 
     def release(self, session_id: str | None) -> None:
         self.router.release(session_id)

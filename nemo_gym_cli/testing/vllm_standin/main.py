@@ -17,7 +17,8 @@ from nemo_gym_cli.testing.vllm_standin.engine import StandinConfig
 
 
 def load_script(path: str) -> list[dict]:
-    """Rules from a JSON list (or one object) or JSONL: {"match", "content"} or {"match", "status"}."""
+    """Rules from a JSON list (or one object) or JSONL: {"match", "content"} or {"match", "status"};
+    "match" is a substring of the prompt, or a list of substrings that must all be in it."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -26,8 +27,9 @@ def load_script(path: str) -> list[dict]:
         data = [json.loads(line) for line in text.splitlines() if line.strip()]
     rules = data if isinstance(data, list) else [data]
     for rule in rules:
-        if not isinstance(rule, dict) or not isinstance(rule.get("match"), str):
-            raise ValueError(f"{path}: every rule needs a string 'match': {rule!r}")
+        match = rule.get("match") if isinstance(rule, dict) else None
+        if not (isinstance(match, str) or (isinstance(match, list) and match and all(isinstance(m, str) for m in match))):
+            raise ValueError(f"{path}: every rule needs a 'match': a string or a list of strings: {rule!r}")
         if not {"content", "status", "tool_call", "reasoning"} & rule.keys():
             raise ValueError(f"{path}: rule needs 'content', 'status', 'tool_call' or 'reasoning': {rule!r}")
         rule.setdefault("content", "")
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
     p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false",
                    help="report prefix caching as off in vllm:cache_config_info (as vLLM's flag does)")
+    p.add_argument("--no-enable-scale-out", dest="scale_out", action="store_false",
+                   help="no render/generate/derender routes (vLLM without --enable-scale-out)")
     return p
 
 
@@ -69,6 +73,7 @@ def config_from_args(argv: list[str] | None = None) -> StandinConfig:
         port_file=args.port_file,
         access_log=args.access_log,
         prefix_caching=args.prefix_caching,
+        scale_out=args.scale_out,
     )
 
 

@@ -27,7 +27,7 @@ def register(registry: CollectorRegistry, backends: list[Backend], session_count
     """Register the router's series on ``registry`` and attach ``BackendMetrics`` to each backend."""
     lb = ["backend"]
     in_flight = Gauge("ng_model_backend_in_flight", "Requests in flight to the backend", lb, registry=registry)
-    requests = Counter("ng_model_backend_requests", "Requests to the backend by outcome (ok, error, unavailable)",
+    requests = Counter("ng_model_backend_requests", "Requests to the backend by outcome (ok, error, unavailable, malformed)",
                        ["backend", "outcome"], registry=registry)
     seconds = Histogram("ng_model_backend_request_seconds", "Request latency per backend", lb,
                         buckets=LATENCY_BUCKETS, registry=registry)

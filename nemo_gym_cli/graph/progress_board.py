@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 NUMBERS = ("done", "failed", "total", "rollouts_per_s", "mean_reward", "concurrency", "in_flight", "elapsed_s")
-TEXTS = ("id", "agent", "output", "state")
-KEEP_FINISHED_S = 300.0  # a finished collection stays visible this long
-SILENT_S = 30.0  # a running one that stopped posting (killed) is shown as "lost"
+TEXTS = ("id", "agent", "output", "state", "reason")  # reason: why a collection failed
+KEEP_FINISHED_S = 300.0  # an ended (or lost) collection stays visible this long
+SILENT_S = 10.0  # a running one that stopped posting (ten missed heartbeats: killed) is shown as "lost"
 MAX_ENTRIES = 100
 
 
@@ -39,7 +39,9 @@ class CollectionsBoard:
     def list(self) -> list[dict[str, Any]]:
         self._prune()
         now = time.time()
-        return [{**e, "state": "lost"} if e["state"] == "running" and now - e["updated_at"] > SILENT_S else e
+        return [{**e, "state": "lost", "reason": f"no progress report for {now - e['updated_at']:.0f} s (the collector "
+                                                  f"was killed, or cannot reach the head server)"}
+                if e["state"] == "running" and now - e["updated_at"] > SILENT_S else e
                 for e in self.entries.values()]
 
     def _prune(self) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from nemo_gym_cli.routing.backends_view import backends_report
-from nemo_gym_cli.routing.preflight import preflight as check_backends
-from nemo_gym_cli.routing.upstream import Upstream, UpstreamConfig
+from nemo_gym_cli.model_adapter.backends_report import backends_report
+from nemo_gym_cli.model_adapter.backend_checks import preflight as check_backends
+from nemo_gym_cli.model_adapter.upstream import Upstream, UpstreamConfig
 from nemo_gym_cli.serving.kinds import ResponsesAPIModel
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
 
@@ -69,7 +69,8 @@ class UpstreamModel(ResponsesAPIModel):
     @route("/preflight")
     async def preflight(self, body: Any, ctx: RequestContext) -> Any:
         return await check_backends(self.upstream, self.model, vllm=self.vllm_backends,
-                                    timeout_s=self.config.preflight_timeout_s)
+                                    timeout_s=self.config.preflight_timeout_s,
+                                    token_exact=getattr(self.config, "token_exact", False))
 
     @route("/backends", "GET")
     async def backends(self, body: Any, ctx: RequestContext) -> Any:
