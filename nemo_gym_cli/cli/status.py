@@ -87,7 +87,7 @@ def servers_table(snap: Snapshot, head: str) -> Table:
         answer = Text("up", style="green") if why is None else Text(f"down ({why})", style="red")
         name = s["name"] if not s.get("replica") else f"{s['name']}#{s['replica']}"
         table.add_row(Text(name), s["server_type"], Text(s["impl"]), Text(s.get("url") or DASH),
-                      Text(node_label(s) if s.get("node") else DASH), str(s.get("pid") or DASH), s["state"], str(s.get("restarts", 0)), answer)
+                      Text(node_label(s)), str(s.get("pid") or DASH), s["state"], str(s.get("restarts", 0)), answer)
     return table
 
 
