@@ -12,7 +12,8 @@ PASS_AT_K = {"1": 0.3333, "2": 0.5, "4": 0.6667, "8": 0.875, "16": 0.9375, "32":
 def data(per_agent: dict) -> dict:
     return {"rollouts": 1280, "failures": 3, "retries": 5, "max_attempts": 3, "skipped_already_done": 0,
             "means": {"reward": 0.4375, "num_steps": 2.5}, "rollouts_per_s": 41.7, "latency_p50_s": 1.82,
-            "latency_p95_s": 4.1, "concurrency": 100, "per_agent": per_agent, "interrupted": False,
+            "latency_p95_s": 4.1, "concurrency": 100,
+            "token_exact_turns": 2556, "token_exact_fallbacks": 12, "per_agent": per_agent, "interrupted": False,
             "requests_per_backend": {"http://127.0.0.1:45678/v1": 1700, "http://127.0.0.1:45679/v1": 1650},
             "errors_per_backend": {"http://127.0.0.1:45679/v1": {"malformed": 2}}}
 
@@ -28,6 +29,7 @@ def test_the_summary_table_fits_80_columns_and_its_pass_at_k_values_do_not_wrap(
     text = "\n".join(lines)
     for k, v in PASS_AT_K.items():  # each value whole on one line, for both agents
         assert sum(f"pass@{k} {v:.4f}" in line for line in lines) == 2, text
+    assert sum("2556 (12 not exact)" in line for line in lines) == 1, text
     assert "agent math_verify_simple_agent" in text and "640 rollouts, 1 failed" in text and "0.4000" in text
 
 

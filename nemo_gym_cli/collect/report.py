@@ -115,7 +115,7 @@ def summary_table(data: dict, agent: str | None, output_name: str, failures_name
     if data["token_exact_turns"] or data["token_exact_fallbacks"]:
         fallbacks = data["token_exact_fallbacks"]
         table.add_row("token-exact turns", f"{data['token_exact_turns']}" + (
-            f"; {fallbacks} rendered afresh (token_exact: false, see token_exact_reason)" if fallbacks else ""))
+            f" ({fallbacks} not exact)" if fallbacks else ""))  # why: token_exact_reason
     table.add_row("rollouts/s", f"{data['rollouts_per_s']}")
     table.add_row("latency p50 / p95 (s)", f"{data['latency_p50_s']} / {data['latency_p95_s']}")
     auto = data.get("concurrency_auto")
