@@ -44,7 +44,7 @@ def ray_address(config: dict) -> str | None:
 
 
 def placement_of(config: dict) -> str:
-    return str((config.get("ray") or {}).get("placement") or "spread")
+    return str(config["ray"]["placement"])  # its default is in conf/ng_run.yaml
 
 
 def check_ray_config(config: dict, specs: dict[str, ServerSpec]) -> list[str]:

@@ -61,16 +61,10 @@ class EquivalenceLLMJudgeResourcesServer(SimpleResourcesServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.config
-        self.judge_server = cfg.judge_model_server.name
         self.create_params = dict(cfg.judge_responses_create_params)
-        self.system_message = cfg.judge_system_message
         self.template = self._load_template(cfg.judge_prompt_template_fpath)
-        self.equal_label = cfg.judge_equal_label
-        self.not_equal_label = cfg.judge_not_equal_label
-        if not self.equal_label or not self.not_equal_label or self.equal_label == self.not_equal_label:
+        if not cfg.judge_equal_label or not cfg.judge_not_equal_label or cfg.judge_equal_label == cfg.judge_not_equal_label:
             raise ValueError(f"server '{self.name}': judge_equal_label and judge_not_equal_label must be two different non-empty strings")
-        self.check_twice_swap = cfg.check_twice_swap
-        self.reward_if_swap_fails = cfg.reward_if_swap_fails
         self.question_regex = self._regex("question_extract_regex", cfg.question_extract_regex)
         self.response_regex = self._regex("response_extract_regex", cfg.response_extract_regex)
         limit = cfg.judge_endpoint_max_concurrency
@@ -116,24 +110,25 @@ class EquivalenceLLMJudgeResourcesServer(SimpleResourcesServer):
 
         evaluations = [await self._judge(question, expected, generated)]
         reward = 1.0 if evaluations[0]["verdict"] == "equal" else 0.0
-        if reward and self.check_twice_swap:
+        if reward and self.config.check_twice_swap:
             evaluations.append(await self._judge(question, generated, expected))
             if evaluations[1]["verdict"] != "equal":
-                reward = self.reward_if_swap_fails
+                reward = self.config.reward_if_swap_fails
         return {**body, "reward": reward, "expected_answer": expected, "judge_evaluations": evaluations}
 
     async def _judge(self, question: str, expected: str, generated: str) -> dict:
+        cfg = self.config
         prompt = self.template.format(question=question, expected_answer=expected, generated_answer=generated)
-        system = [{"role": "system", "content": self.system_message}] if self.system_message else []
+        system = [{"role": "system", "content": cfg.judge_system_message}] if cfg.judge_system_message else []
         params = {**self.create_params, "input": [*system, {"role": "user", "content": prompt}]}
         try:
             async with self.judge_slots:  # judge calls are independent: no session id
-                response = await self.client.post(self.judge_server, "/v1/responses", params, idempotent=True)
+                response = await self.client.post(cfg.judge_model_server.name, "/v1/responses", params, idempotent=True)
         except ServerCallError as e:
-            raise HTTPError(502, f"{self.name}: judge model server '{self.judge_server}' failed: {e}", "upstream_error") from None
+            raise HTTPError(502, f"{self.name}: judge model server '{cfg.judge_model_server.name}' failed: {e}", "upstream_error") from None
         text = last_assistant_text(response.get("output"))
-        equal = has_label(text, self.equal_label, self.not_equal_label)
-        not_equal = has_label(text, self.not_equal_label, self.equal_label)
+        equal = has_label(text, cfg.judge_equal_label, cfg.judge_not_equal_label)
+        not_equal = has_label(text, cfg.judge_not_equal_label, cfg.judge_equal_label)
         evaluation = {"responses_create_params": params, "response": response,
                       "verdict": "unparsed" if equal == not_equal else "equal" if equal else "not_equal"}
         if equal == not_equal:

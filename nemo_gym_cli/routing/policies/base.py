@@ -17,6 +17,14 @@ class Policy:
 
     def __init__(self) -> None:
         self.backends: list[Backend] = []
+        self._turn = 0
+
+    def rotate(self, n: int) -> int:
+        """0..n-1, one further each call: where to start among n healthy backends, so ties never
+        all land on the first in the list."""
+        start = self._turn % n
+        self._turn = start + 1
+        return start
 
     def bind(self, backends: list[Backend]) -> None:
         self.backends = backends

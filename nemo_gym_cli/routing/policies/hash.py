@@ -12,17 +12,11 @@ from .base import Policy
 class Hash(Policy):
     name = "hash"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._next = 0  # for calls with neither a session id nor a group key
-
     def choose(self, healthy: list[Backend], session_id: str | None, group_key: str | None) -> Backend:
         key = session_id if session_id is not None else group_key
         ring = self.backends or healthy
-        if key is None:
-            i = self._next % len(healthy)
-            self._next = i + 1
-            return healthy[i]
+        if key is None:  # neither a session id nor a group key: in turn
+            return healthy[self.rotate(len(healthy))]
         n = len(ring)
         start = zlib.crc32(key.encode()) % n
         for i in range(start, start + n):

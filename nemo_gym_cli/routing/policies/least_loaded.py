@@ -9,14 +9,9 @@ from .base import Policy
 class LeastLoaded(Policy):
     name = "least_loaded"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._start = 0
-
     def choose(self, healthy: list[Backend], session_id: str | None, group_key: str | None) -> Backend:
         n = len(healthy)
-        start = self._start % n
-        self._start = start + 1
+        start = self.rotate(n)
         best = healthy[start]
         best_if, best_s = best.in_flight, best.sessions
         for i in range(start + 1, start + n):
