@@ -98,6 +98,25 @@ def test_both_collectors_take_their_retry_and_shutdown_defaults_from_one_file(tm
         assert composed.sources["retry_backoff_s"] == "conf/collection.yaml" and "defaults" not in composed.config
 
 
+def test_each_commands_help_shows_the_defaults_its_conf_files_hold(tmp_path):
+    shared = yaml.safe_load((PROJECT_ROOT / "conf/collection.yaml").read_text())
+    port = yaml.safe_load((PROJECT_ROOT / "conf/base.yaml").read_text())["head_server"]["port"]
+    ready = yaml.safe_load((PROJECT_ROOT / "conf/ng_run.yaml").read_text())["ready_timeout_s"]
+    wanted = {
+        "ng_collect_rollouts": [f"+max_attempts={shared['max_attempts']}", f"+graph_wait_s={shared['graph_wait_s']}",
+                                f"+shutdown_grace_s={shared['shutdown_grace_s']}", f"+head_server.port={port}",
+                                "+num_repeats={_default:1,"],
+        "ng_reverify": [f"+max_attempts={shared['max_attempts']}"],
+        "ng_run": [f"+ready_timeout_s={ready}", f"+head_server.port={port}"],
+        "ng_status": [f"+head_server.port={port}"],
+    }
+    for command, parts in wanted.items():
+        done = run_cli(command, ["--help"], cwd=tmp_path)
+        assert done.returncode == 0, (command, done.stderr)
+        for part in parts:
+            assert part in done.stdout, (command, part)
+
+
 def test_a_files_own_config_paths_come_first_so_the_includer_wins(tmp_path):
     write(tmp_path, "base.yaml", """
         key: from_base

@@ -11,6 +11,7 @@ import sys
 from typing import Callable
 
 from nemo_gym_cli.config import ConfigError, Composed, compose, dump_yaml, secret_values
+from nemo_gym_cli.config.paths import base_defaults, conf_defaults
 from nemo_gym_cli.serving.logs import make_console, setup_logging
 from nemo_gym_cli.serving.runtime import run_async
 
@@ -21,7 +22,8 @@ DUMP_CONFIG_HELP = """usage: ng_dump_config "+config_paths=[a.yaml,b.yaml]" [+ke
 Print the resolved config (secrets masked) exactly as ng_run would use it.
 """
 
-# Where each command's --help text lives: beside its code.
+# Where each command's --help text lives: beside its code. It names defaults as {key} (conf/<command>.yaml
+# over conf/base.yaml), so the help never drifts from the conf.
 HELP_OF = {
     "ng_run": "nemo_gym_cli.graph.launcher",
     "ng_status": "nemo_gym_cli.cli.status",
@@ -30,10 +32,17 @@ HELP_OF = {
 }
 
 
+def _help(command: str) -> str:
+    if command not in HELP_OF:
+        return DUMP_CONFIG_HELP
+    template = importlib.import_module(HELP_OF[command]).HELP
+    return template.format_map({**base_defaults(), **conf_defaults(command)})
+
+
 def _args(command: str) -> list[str]:
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
-        print(importlib.import_module(HELP_OF[command]).HELP if command in HELP_OF else DUMP_CONFIG_HELP)
+        print(_help(command))
         sys.exit(0)
     return args
 

@@ -20,7 +20,7 @@ from nemo_gym_cli.serving.errors import ServerCallError
 from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.logs import make_console
 
-HELP = """usage: ng_status [--watch] [+head_server.port=11000]
+HELP = """usage: ng_status [--watch] [+head_server.port={head_server[port]}]
 
 Ask the head server of a running ng_run for its servers and check that each answers now; show
 every model adapter's backends (up/down, in flight, sessions, requests, failovers, and vLLM's

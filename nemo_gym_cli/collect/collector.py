@@ -30,30 +30,30 @@ from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.logs import make_console
 
 HELP = """usage: ng_collect_rollouts +input_jsonl_fpath=IN.jsonl +output_jsonl_fpath=OUT.jsonl [+agent_name=NAME]
-                           [+limit=N] [+num_repeats=N] [+concurrency=N] [+max_attempts=3] [+resume=true]
-                           [+responses_create_params={temperature:0.7,max_output_tokens:512}]
+                           [+limit=N] [+num_repeats=N] [+concurrency=N] [+max_attempts={max_attempts}] [+resume=true]
+                           [+responses_create_params={{temperature:0.7,max_output_tokens:512}}]
 
 Send each row of IN.jsonl (repeated num_repeats times, repeats adjacent) to its agent's /run on
 the running ng_run graph, with exactly `concurrency` rollouts in flight (alias
-+num_samples_in_parallel). A row names its agent with agent_ref: {type: responses_api_agents,
-name: ...}; +agent_name is the agent of rows without one (needed only then). Each finished
++num_samples_in_parallel). A row names its agent with agent_ref: {{type: responses_api_agents,
+name: ...}}; +agent_name is the agent of rows without one (needed only then). Each finished
 rollout is written at once to OUT.jsonl as one line: the verify response plus
 _ng_task_index (input row), _ng_rollout_index (repeat) and agent_ref.
 
   +concurrency=auto         find the knee of the vLLM servers: start at 4, raise while no backend
                             queues, hold the queue small (vllm:num_requests_waiting, KV cache,
                             preemptions, read through the model adapters' /backends), never above
-                            +concurrency_max=1024; the summary reports where it settled
+                            +concurrency_max={concurrency_max}; the summary reports where it settled
   +limit=N                  only the first N input rows
-  +num_repeats=N            or per agent: +num_repeats={_default:1,math_verify_simple_agent:8}
-  +max_attempts=3           a rollout that fails for a transport or server reason (refused, reset,
+  +num_repeats=N            or per agent: +num_repeats={{_default:1,math_verify_simple_agent:8}}
+  +max_attempts={max_attempts:<12}a rollout that fails for a transport or server reason (refused, reset,
                             timeout, 5xx) is run again after a short backoff, up to N attempts in
                             all; a 4xx (bad row, unknown agent) is not retried
   +responses_create_params  merged into every row's responses_create_params (these win)
   +resume=true              skip the (task, rollout) pairs already in OUT.jsonl and retry failed
                             ones that have attempts left; without it an existing OUT.jsonl is an
                             error (never appended to, never deleted)
-  +head_server.port=...     where ng_run's head server is (same config as ng_run)
+  +head_server.port={head_server[port]:<8}where ng_run's head server is (same config as ng_run)
 
 Failures never stop the run: a rollout that fails, a row naming an agent the graph does not
 have, and an input line that is not JSON or has no responses_create_params (named by file and
@@ -63,9 +63,9 @@ ng_run, unknown +agent_name, another collector writing OUT.jsonl), 74 if OUT.jso
 OUT_failures.jsonl could not be written (e.g. the disk is full: the run stops, the output keeps
 whole lines only, +resume=true completes it), 75 if ng_run went away mid-run, 130 if interrupted.
 ng_run gone (its head server refuses connections): nothing new is sent, the run waits
-+graph_wait_s=60 for it to come back, then ends; rollouts that found nothing listening cost
++graph_wait_s={graph_wait_s} for it to come back, then ends; rollouts that found nothing listening cost
 no attempt and are not written anywhere, so +resume=true after restarting ng_run completes the set.
-Ctrl-C / SIGTERM: stop taking rows, let in-flight rollouts finish (+shutdown_grace_s=30),
+Ctrl-C / SIGTERM: stop taking rows, let in-flight rollouts finish (+shutdown_grace_s={shutdown_grace_s}),
 write the summary; a second Ctrl-C stops at once. The summary (totals, then one row per agent
 with pass@k) also goes to OUT_metrics.json.
 """

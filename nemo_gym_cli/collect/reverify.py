@@ -22,7 +22,7 @@ from nemo_gym_cli.serving.errors import ServerCallError
 from nemo_gym_cli.serving.head_client import HeadClient
 
 HELP = """usage: ng_reverify +input_jsonl_fpath=ROLLOUTS.jsonl +output_jsonl_fpath=REVERIFIED.jsonl [+agent_name=NAME]
-                   [+limit=N] [+concurrency=N] [+max_attempts=3] [+resume=true]
+                   [+limit=N] [+concurrency=N] [+max_attempts={max_attempts}] [+resume=true]
 
 Send each stored rollout of ROLLOUTS.jsonl (ng_collect_rollouts' output: the row, the model's
 response, the old grade) to the /verify of its agent's resources server on the running ng_run

@@ -41,7 +41,7 @@ config (or all in one child process with +colocate=true). Prints a table of serv
 killed ng_run left behind; Ctrl-C or SIGTERM stops everything.
 
 Config layers, lowest to highest: conf/ defaults < config_paths files < env.yaml < command line.
-Common keys: +head_server.port=11000 +colocate=false +ready_timeout_s=60 +log_dir=logs
+Common keys: +head_server.port={head_server[port]} +colocate=true +ready_timeout_s={ready_timeout_s} +log_dir=logs
 """
 
 # (spec, replica) -> the runner of that replica; see supervisor.py.
