@@ -3,7 +3,7 @@
 A trainer pauses vLLM to load new weights: `POST /pause?mode=abort|wait|keep`, `POST /resume`,
 `GET /is_paused`. A paused backend still answers /health, so it is never "down"; a request it
 aborted (200, `finish_reason: "abort"`) is not a finished turn: the caller waits here until the
-backend serves again and goes on. `forward()` sends one pause or resume to every backend.
+backend serves again and goes on. `forward_pause()` sends one pause or resume to every backend.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from nemo_gym_cli.serving.errors import backoff_delay
 from nemo_gym_cli.serving.protocol import HTTPError
 
 PAUSE_MODES = ("abort", "wait", "keep")  # vLLM's PauseMode
+ABORTED = "abort"  # the finish_reason of a request that a pause (mode=abort) ended
 PROBE_TIMEOUT_S = 2.0  # one GET /is_paused
 POLL_BASE_S, POLL_CAP_S = 0.05, 1.0  # backoff between polls while paused (and between blind retries)
 
@@ -55,7 +56,7 @@ async def wait_until_serving(client, backend: Backend, headers: dict, *, attempt
             return
 
 
-async def forward(client, backends: list[Backend], headers: dict, action: str, mode: str | None,
+async def forward_pause(client, backends: list[Backend], headers: dict, action: str, mode: str | None,
                   timeout_s: float) -> dict[str, Any]:
     """POST /pause (with `mode`) or /resume to every backend at once; one entry per backend."""
     query = f"?mode={mode}" if action == "pause" and mode else ""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 from nemo_gym_cli.model_adapter.backends_report import backends_report
 from nemo_gym_cli.model_adapter.backend_checks import preflight as check_backends
+from nemo_gym_cli.model_adapter.pause import ABORTED, wait_until_serving
 from nemo_gym_cli.model_adapter.upstream import Upstream, UpstreamConfig
 from nemo_gym_cli.serving.kinds import ResponsesAPIModel
 from nemo_gym_cli.serving.protocol import HTTPError, RequestContext, route
@@ -55,8 +57,20 @@ class UpstreamModel(ResponsesAPIModel):
     async def chat_completions(self, body: Any, ctx: RequestContext) -> Any:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise HTTPError(400, "request body must be Chat Completions params with a 'messages' list")
-        return await self.upstream.call(ctx, "/chat/completions", {**body, "model": self.model},
-                                        check=check_chat_completion)
+        return await self.chat_until_finished(ctx, {**body, "model": self.model})
+
+    async def chat_until_finished(self, ctx: RequestContext, chat_params: dict) -> dict:
+        """One Chat Completions call. A weight sync's abort (200, `finish_reason: "abort"`, partial
+        text) is no answer: once its backend serves again (bounded by timeout_s) it runs again."""
+        deadline = time.monotonic() + self.config.timeout_s
+        aborts = 0
+        while True:
+            chat, backend = await self.upstream.exchange(ctx, "/chat/completions", chat_params, check=check_chat_completion)
+            if chat["choices"][0].get("finish_reason") != ABORTED:
+                return chat
+            await wait_until_serving(self.client, backend, self.upstream.headers, attempt=aborts, deadline=deadline,
+                                     what=self.name)
+            aborts += 1
 
     @route("/release_session")
     async def release_session(self, body: Any, ctx: RequestContext) -> Any:

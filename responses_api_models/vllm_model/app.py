@@ -9,19 +9,18 @@ goes on. POST /pause and /resume pause or resume every backend at once.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_gym_cli.serving import HTTPError, RequestContext, UpstreamConfig, UpstreamModel, check_chat_completion, route
-from nemo_gym_cli.model_adapter.pause import PAUSE_MODES, forward, wait_until_serving
+from nemo_gym_cli.serving import (PAUSE_MODES, HTTPError, RequestContext, UpstreamConfig, UpstreamModel, forward_pause,
+                                  route)
 from responses_api_models.vllm_model.conversion import (
     chat_to_response,
     incomplete_response,
     is_context_length_error,
     responses_to_chat,
 )
-from responses_api_models.vllm_model.token_exact import ABORTED, token_exact_turn
+from responses_api_models.vllm_model.token_exact import token_exact_turn
 
 
 @dataclass(kw_only=True)
@@ -71,7 +70,7 @@ class VLLMModel(UpstreamModel):
                 chat, token_fields = await token_exact_turn(self.upstream, ctx, chat_params, model=self.model,
                                                             timeout_s=self.config.timeout_s)
             else:
-                chat, token_fields = await self._chat_turn(ctx, chat_params), None
+                chat, token_fields = await self.chat_until_finished(ctx, chat_params), None
         except HTTPError as e:
             if is_context_length_error(e.status, e.message):
                 # The episode cannot go on, but it ended cleanly: the agent stops and verifies.
@@ -89,18 +88,6 @@ class VLLMModel(UpstreamModel):
             return_token_id_information=self.return_token_id_information, prompt_token_ids=prompt_token_ids,
         )
 
-    async def _chat_turn(self, ctx: RequestContext, chat_params: dict) -> dict:
-        """One Chat Completions call; one that a pause aborted runs again once its backend serves."""
-        deadline = time.monotonic() + self.config.timeout_s
-        aborts = 0
-        while True:
-            chat, backend = await self.upstream.exchange(ctx, "/chat/completions", chat_params, check=check_chat_completion)
-            if chat["choices"][0].get("finish_reason") != ABORTED:
-                return chat
-            await wait_until_serving(self.client, backend, self.upstream.headers, attempt=aborts, deadline=deadline,
-                                     what=self.name)
-            aborts += 1
-
     @route("/pause")
     async def pause(self, body: Any, ctx: RequestContext) -> Any:
         """Pause every backend (a weight sync): `?mode=abort|wait|keep` or `{"mode": ...}`, passed through."""
@@ -114,8 +101,8 @@ class VLLMModel(UpstreamModel):
         return await self._forward("resume", None)
 
     async def _forward(self, action: str, mode: str | None) -> Any:
-        answer = await forward(self.client, self.upstream.router.backends, self.upstream.headers, action, mode,
-                               self.config.timeout_s)
+        answer = await forward_pause(self.client, self.upstream.router.backends, self.upstream.headers, action, mode,
+                                     self.config.timeout_s)
         if not answer["ok"]:
             failed = "; ".join(f"{b['url']}: {b['error']}" for b in answer["backends"] if not b["ok"])
             raise HTTPError(502, f"{self.name}: {action} failed on some backends: {failed}", "upstream_error",

@@ -23,15 +23,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemo_gym_cli.model_adapter.pause import wait_until_serving
-from nemo_gym_cli.model_adapter.server import check_chat_completion
-from nemo_gym_cli.serving.protocol import RequestContext
+from nemo_gym_cli.serving import ABORTED, RequestContext, check_chat_completion, wait_until_serving
 from responses_api_models.vllm_model.conversion import TOKEN_FIELDS
 
 RENDER = "/chat/completions/render"  # under base_url (/v1)
 GENERATE = "/inference/v1/generate"  # at the server's root
 DERENDER = "/chat/completions/derender"  # under base_url
-ABORTED = "abort"
 
 
 def check_render(answer: Any) -> str | None:
@@ -56,20 +53,33 @@ def _ids(value: Any, allow_empty: bool = False) -> bool:
 
 
 def last_model_turn(messages: list[dict]) -> tuple[list[int] | None, list[int] | None, str | None]:
-    """(prompt ids, generation ids, None) of the history's last assistant message; (None, None,
-    None) when no assistant message carries ids (a first turn, maybe after few-shot examples);
-    (None, None, why) when the last one lacks them though an earlier one has them."""
-    last, carried = None, False
-    for message in messages:
-        if message.get("role") == "assistant":
-            last = message
-            carried = carried or "generation_token_ids" in message
-    if last is None or not carried:
+    """What a turn extends: (prompt ids, generation ids, None) of the history's last assistant message.
+
+    (None, None, None): nothing to extend, the whole history is this turn's prompt. That is a first
+    turn: no assistant message, or only id-less ones before the last user message (few-shot examples
+    or an earlier conversation that the dataset row brings).
+    (None, None, why): the last assistant message is one of this episode's model turns (it follows
+    the last user message, there is no user message, or an earlier assistant message carried ids)
+    but has no valid ids: the agent dropped or changed them, so the turn cannot be spliced.
+    """
+    last = last_user = None
+    carried = False
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role == "assistant":
+            last = i
+            carried = carried or any(key in message for key in TOKEN_FIELDS)
+        elif role == "user":
+            last_user = i
+    if last is None:
         return None, None, None
-    prompt, generation = last.get("prompt_token_ids"), last.get("generation_token_ids")
-    if not _ids(prompt) or not _ids(generation):
-        return None, None, "the history's last model turn carries no (valid) prompt_token_ids/generation_token_ids"
-    return prompt, generation, None
+    prompt, generation = messages[last].get("prompt_token_ids"), messages[last].get("generation_token_ids")
+    if _ids(prompt) and _ids(generation):
+        return prompt, generation, None
+    if carried or last_user is None or last > last_user:
+        return None, None, ("the history's last model turn carries no valid prompt_token_ids and generation_token_ids "
+                            "(the agent dropped or changed them)")
+    return None, None, None
 
 
 def _turns(ids: list[int], end_of_turn: int) -> list[list[int]]:

@@ -1,4 +1,7 @@
-"""The stand-in's HTTP routes (aiohttp): vLLM's OpenAI endpoints plus /standin/* for tests."""
+"""The stand-in's HTTP routes (aiohttp): vLLM's OpenAI endpoints plus /standin/* for tests:
+/standin/sessions ({session id: requests}), /standin/stats (counters), /standin/requests (the last
+requests: route, session, the sampling params a chat or generate call got), and /standin/pause,
+/standin/resume (a pause the adapter cannot see: the same engine pause, also without dev mode)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from nemo_gym_cli.testing.vllm_standin import responses
 from nemo_gym_cli.testing.vllm_standin.engine import Standin, StandinConfig, StandinError
 from nemo_gym_cli.testing.vllm_standin.metrics import CONTENT_TYPE, metrics_text
 from nemo_gym_cli.testing.vllm_standin.tokenizer import render_prompt, tokenize_text
-from nemo_gym_cli.testing.vllm_standin.tokens import PAUSE_ROUTES, SCALE_OUT_ROUTES
+from nemo_gym_cli.testing.vllm_standin.tokens import (DEV_MODE_ROUTES, SCALE_OUT_ROUTES, handle_pause, handle_resume,
+                                                      sampling_params)
 from responses_api_models.vllm_model.conversion import responses_to_chat
 
 STANDIN = web.AppKey("standin", Standin)
@@ -39,16 +43,19 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
-def _begin(request: web.Request, kind: str) -> Standin:
+def _begin(request: web.Request, kind: str) -> tuple[Standin, dict]:
+    """Count, record the session, log the request: (the stand-in, the request's log entry)."""
     standin = request.app[STANDIN]
     standin.counts[kind] += 1
-    standin.record_session(request.headers.get(SESSION_HEADER))
-    return standin
+    session_id = request.headers.get(SESSION_HEADER)
+    standin.record_session(session_id)
+    return standin, standin.log_request(kind, session_id)
 
 
 async def handle_chat(request: web.Request) -> web.Response:
-    standin = _begin(request, "chat")
+    standin, entry = _begin(request, "chat")
     body = await read_json(request)
+    entry["sampling_params"] = sampling_params(body)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise StandinError(400, "Field 'messages' is required and must be a list")
@@ -68,7 +75,7 @@ def _responses_messages(body: dict) -> list[dict]:
 
 
 async def handle_responses(request: web.Request) -> web.Response:
-    standin = _begin(request, "responses")
+    standin, _ = _begin(request, "responses")
     body = await read_json(request)
     if "input" not in body:
         raise StandinError(400, "Field 'input' is required")
@@ -80,7 +87,7 @@ async def handle_responses(request: web.Request) -> web.Response:
 
 
 async def handle_tokenize(request: web.Request) -> web.Response:
-    standin = _begin(request, "tokenize")
+    standin, _ = _begin(request, "tokenize")
     body = await read_json(request)
     if isinstance(body.get("messages"), list):
         # Same rendering as chat completions, so the ids equal the chat call's prompt ids.
@@ -116,12 +123,24 @@ async def handle_stats(request: web.Request) -> web.Response:
                           "peak_running": standin.peak_running, "aborted": standin.aborted_requests})
 
 
+async def handle_requests(request: web.Request) -> web.Response:
+    return json_response(list(request.app[STANDIN].requests))
+
+
 def token_route(handler):
-    """A render/generate/derender or pause route: counted and session-recorded like the others."""
+    """A render/generate/derender, pause or weight-version route: counted, session-recorded and
+    logged like the others (the handler may add to its log entry)."""
     async def handle(request: web.Request) -> web.Response:
-        standin = _begin(request, handler.__name__.removeprefix("handle_"))
-        body = await read_json(request) if request.method == "POST" and request.path.startswith(("/v1", "/inference")) else None
-        return json_response(await handler(request, standin, body))
+        standin, entry = _begin(request, handler.__name__.removeprefix("handle_"))
+        body = await read_json(request) if request.method == "POST" and request.can_read_body else None
+        return json_response(await handler(request, standin, body, entry))
+    return handle
+
+
+def backdoor(handler):
+    """/standin/pause and /standin/resume: the engine's pause, not counted as vLLM API calls."""
+    async def handle(request: web.Request) -> web.Response:
+        return json_response(await handler(request, request.app[STANDIN], None, {}))
     return handle
 
 
@@ -143,8 +162,12 @@ def build_app(config: StandinConfig) -> web.Application:
     app.router.add_post("/v1/responses", handle_responses)
     app.router.add_post("/tokenize", handle_tokenize)
     app.router.add_get("/metrics", handle_metrics)
-    for method, path, handler in (SCALE_OUT_ROUTES if config.scale_out else []) + PAUSE_ROUTES:
+    for method, path, handler in ((SCALE_OUT_ROUTES if config.scale_out else [])
+                                  + (DEV_MODE_ROUTES if config.dev_mode else [])):
         app.router.add_route(method, path, token_route(handler))
     app.router.add_get("/standin/sessions", handle_sessions)
     app.router.add_get("/standin/stats", handle_stats)
+    app.router.add_get("/standin/requests", handle_requests)
+    app.router.add_post("/standin/pause", backdoor(handle_pause))
+    app.router.add_post("/standin/resume", backdoor(handle_resume))
     return app

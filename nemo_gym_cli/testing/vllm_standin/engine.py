@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from nemo_gym_cli.testing.vllm_standin.prefix_cache import PrefixCache
 from nemo_gym_cli.testing.vllm_standin.tokenizer import render_prompt, tokenize_text
 
 MAX_SESSIONS = 100_000
+REQUEST_LOG = 10_000  # the last requests, for tests (GET /standin/requests)
 
 
 @dataclass
@@ -34,7 +36,8 @@ class StandinConfig:
     port_file: str | None = None
     access_log: bool = False
     prefix_caching: bool = True  # as reported by vllm:cache_config_info
-    scale_out: bool = True  # render/generate/derender (vLLM's --enable-scale-out); pause API always on
+    scale_out: bool = True  # render/generate/derender (vLLM's --enable-scale-out)
+    dev_mode: bool = True  # vLLM's VLLM_SERVER_DEV_MODE=1: pause API and weight-version routes
 
 
 def _matches(match: str | list[str], text: str) -> bool:
@@ -66,42 +69,45 @@ class Standin:
         self.peak_running = 0  # most requests ever running at once: tests read it instead of sampling
         self.waiting = 0
         self.counts = dict.fromkeys(("chat", "responses", "tokenize", "render", "generate", "derender", "pause",
-                                     "resume", "is_paused"), 0)
+                                     "resume", "is_paused", "update_weight_version", "finish_weight_update",
+                                     "weight_info"), 0)
         self.success = {"stop": 0, "length": 0, "abort": 0}
         self.sessions: dict[str, int] = {}
-        # vLLM's RL pause API: new requests wait while paused; mode=abort ends the running ones now.
+        self.requests: deque[dict] = deque(maxlen=REQUEST_LOG)  # {route, session[, sampling_params]}
+        # vLLM's RL pause API: new requests wait while paused; mode=abort ends the running ones now,
+        # mode=keep freezes them until /resume, mode=wait lets them finish.
         self.paused = False
+        self.pause_mode: str | None = None
         self.aborted_requests = 0
+        self.weight_version = "default"  # vLLM's label until a trainer sets one (/update_weight_version)
         self._resumed: asyncio.Event | None = None  # set while serving (created on the server's loop)
-        self._abort: asyncio.Event | None = None  # set (then replaced) by each pause(mode=abort)
+        self._pausing: asyncio.Event | None = None  # set (then replaced) by each pause
         self._idle: asyncio.Event | None = None  # set while nothing runs (pause(mode=wait) waits for it)
-        self.generations: dict[tuple, tuple[Generation, list[int]]] = {}  # generated ids -> what derender parses
 
-    def _events(self) -> tuple[asyncio.Event, asyncio.Event, asyncio.Event]:
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         if self._resumed is None:
-            self._resumed, self._abort, self._idle = asyncio.Event(), asyncio.Event(), asyncio.Event()
+            self._resumed, self._pausing, self._idle = asyncio.Event(), asyncio.Event(), asyncio.Event()
             self._resumed.set()
             self._idle.set()
-        return self._resumed, self._abort, self._idle
+        return self._resumed, self._idle
 
     async def pause(self, mode: str) -> None:
-        resumed, abort, idle = self._events()
-        self.paused = True
+        resumed, idle = self._events()
+        self.paused, self.pause_mode = True, mode
         resumed.clear()
-        if mode == "abort":
-            abort.set()
-            self._abort = asyncio.Event()
-        elif mode == "wait":
+        self._pausing.set()  # the running requests look at pause_mode
+        self._pausing = asyncio.Event()
+        if mode == "wait":
             await idle.wait()
 
     def resume(self) -> None:
         self.paused = False
         self._events()[0].set()
 
-    def remember(self, output_ids: list[int], gen: Generation, prompt_ids: list[int]) -> None:
-        if len(self.generations) >= MAX_SESSIONS:
-            del self.generations[next(iter(self.generations))]
-        self.generations[tuple(output_ids)] = (gen, prompt_ids)
+    def log_request(self, route: str, session_id: str | None) -> dict:
+        entry = {"route": route, "session": session_id}
+        self.requests.append(entry)
+        return entry
 
     def record_session(self, session_id: str | None) -> None:
         if not session_id:
@@ -118,10 +124,11 @@ class Standin:
         text = "\n".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
         return next((rule for rule in self.config.script if _matches(rule["match"], text)), None)
 
-    async def schedule(self, prompt_ids: list[int], output_tokens: int) -> tuple[int, int]:
+    async def schedule(self, prompt_ids: list[int], output_tokens: int) -> tuple[int, int, list[tuple[str, int]]]:
         """Wait for a free sequence slot (vLLM's max_num_seqs), 'run'; (cached tokens, tokens
-        produced: fewer than output_tokens when a pause aborted it)."""
-        resumed, abort, idle = self._events()
+        produced: fewer than output_tokens when a pause aborted it, [(weight version, index of the
+        first token it made)])."""
+        resumed, idle = self._events()
         await resumed.wait()
         if self.sem is None:
             self.sem = asyncio.Semaphore(self.config.max_num_seqs)
@@ -136,26 +143,39 @@ class Standin:
             self.peak_running = self.running
         try:
             hits = self.cache.lookup_and_insert(prompt_ids)
-            produced = output_tokens
-            latency_s, per_token_s = self.config.latency_ms / 1000, self.config.per_token_ms / 1000
-            delay = latency_s + per_token_s * output_tokens
-            if delay > 0:
-                t0 = time.monotonic()
-                try:  # simulated generation time, cut short by pause(mode=abort)
-                    await asyncio.wait_for(self._abort.wait(), delay)
-                    ran = time.monotonic() - t0 - latency_s
-                    produced = min(output_tokens - 1, max(0, int(ran / per_token_s))) if per_token_s > 0 else 0
-                    self.aborted_requests += 1
-                except TimeoutError:
-                    pass
-            if produced == output_tokens:
-                await resumed.wait()  # pause(mode=keep): a request finishes only after /resume
-            return hits, produced
+            versions = [(self.weight_version, 0)]
+            return hits, await self._run(output_tokens, versions), versions
         finally:
             self.running -= 1
             if not self.running:
                 idle.set()
             self.sem.release()
+
+    async def _run(self, output_tokens: int, versions: list[tuple[str, int]]) -> int:
+        """The simulated generation time (latency + per token): pause(abort) cuts it short,
+        pause(keep) freezes it until /resume (tokens after it carry the weight version then set).
+        Returns the tokens produced."""
+        latency_s, per_token_s = self.config.latency_ms / 1000, self.config.per_token_ms / 1000
+        total = latency_s + per_token_s * output_tokens
+        spent = 0.0
+        while spent < total:
+            pausing, t0 = self._pausing, time.monotonic()
+            try:
+                await asyncio.wait_for(pausing.wait(), total - spent)
+            except TimeoutError:
+                break
+            spent += time.monotonic() - t0
+            made = min(output_tokens - 1, max(0, int((spent - latency_s) / per_token_s))) if per_token_s > 0 else 0
+            if self.pause_mode == "abort":
+                self.aborted_requests += 1
+                return made
+            if self.pause_mode == "keep":
+                await self._resumed.wait()
+                if self.weight_version != versions[-1][0]:
+                    if versions[-1][1] == made:  # no token under the old version
+                        versions.pop()
+                    versions.append((self.weight_version, made))
+        return output_tokens
 
     def decide(self, messages: list, tools: list, tool_choice: Any, max_tokens: Any,
                add_gen: bool = True) -> tuple[list[int], str, dict | None, str | None]:
@@ -195,7 +215,7 @@ class Standin:
         """Shared core of chat and responses: (Generation, prompt_ids, cached tokens); raises StandinError."""
         prompt_ids, text, tool, reasoning = self.decide(messages, tools, tool_choice, max_tokens, add_gen)
         gen = generate(text, tool, reasoning, max_tokens)
-        cached, produced = await self.schedule(prompt_ids, len(gen.pieces))
+        cached, produced, _ = await self.schedule(prompt_ids, len(gen.pieces))
         if produced < len(gen.pieces):
             gen = aborted(gen, produced)
         self.success[gen.finish_reason if gen.finish_reason in ("length", "abort") else "stop"] += 1

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report prefix caching as off in vllm:cache_config_info (as vLLM's flag does)")
     p.add_argument("--no-enable-scale-out", dest="scale_out", action="store_false",
                    help="no render/generate/derender routes (vLLM without --enable-scale-out)")
+    p.add_argument("--no-dev-mode", dest="dev_mode", action="store_false",
+                   help="no /pause, /resume, /is_paused or weight-version routes (vLLM without VLLM_SERVER_DEV_MODE=1); "
+                        "/standin/pause still pauses it")
     return p
 
 
@@ -74,6 +77,7 @@ def config_from_args(argv: list[str] | None = None) -> StandinConfig:
         access_log=args.access_log,
         prefix_caching=args.prefix_caching,
         scale_out=args.scale_out,
+        dev_mode=args.dev_mode,
     )
 
 
