@@ -71,6 +71,24 @@ def test_ng_status_shows_every_backend_with_its_load(standins, graph, tmp_path):
     assert (busy_row["in flight"], busy_row["requests"], idle_row["in flight"], idle_row["requests"]) == ("1", "0", "0", "1")
 
 
+def test_ng_status_shows_backends_paused_for_a_weight_sync_as_paused_not_down(standins, graph, tmp_path):
+    backends = standins(2)
+    g = graph([VLLM_MODEL, WEATHER], env=weather_env(backends))
+    header = ["server", "backend", "state"]
+
+    def states() -> list[str]:
+        result = run_cli("ng_status", [f"+head_server.port={g.head_port}"], cwd=tmp_path, timeout=30)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return [dict(zip(header, cells(result.stdout, b.url)))["state"] for b in backends]
+
+    assert states() == ["up", "up"]
+    status, paused = http_json(g.url("policy_model") + "/pause?mode=keep", {})  # the trainer's one pause
+    assert status == 200 and paused["ok"], paused
+    assert states() == ["paused", "paused"]
+    assert http_json(g.url("policy_model") + "/resume", {})[0] == 200
+    assert states() == ["up", "up"]
+
+
 def test_a_collection_publishes_its_progress_to_the_head_server(standins, graph, tmp_path):
     g = graph([VLLM_MODEL, WEATHER], env=weather_env(standins(2)))
     write_rows(tmp_path / "in.jsonl", 30)

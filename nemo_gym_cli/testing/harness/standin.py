@@ -52,6 +52,10 @@ class StandIn:
     def stats(self) -> dict:
         return json.loads(http_get(self.root + "/standin/stats"))
 
+    def requests(self) -> list[dict]:
+        """The last requests, oldest first: {route, session[, sampling_params]} (chat, generate, render, ...)."""
+        return json.loads(http_get(self.root + "/standin/requests", 30))
+
     def metrics_text(self) -> str:
         return http_get(self.root + "/metrics").decode()
 
