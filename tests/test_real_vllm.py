@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, free_port, http_json, run_cli, wait_until
+from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, free_port, http_json, metric_total, run_cli, wait_until
 from nemo_gym_cli.testing.harness import ensure_installed, start_real_vllms
 
 pytestmark = pytest.mark.real_vllm
@@ -276,6 +276,7 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
         uninterrupted.append(response["output"][-1]["generation_token_ids"])
 
     results: list = [None] * len(requests)
+    aborts_before = metric_total(srv.metrics_text(), "vllm:request_success_total", finished_reason="abort")
 
     def send(i: int) -> None:
         results[i] = http_json(url, requests[i], timeout=300)
@@ -293,9 +294,11 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
     for t in threads:
         t.join(300)
     whole = aborted = same = 0
+    tokens = []  # (tokens of the paused run, tokens uninterrupted) per request
     for (status, response), reference in zip(results, uninterrupted):
         assert status == 200, response
         last = response["output"][-1]
+        tokens.append((len(last["generation_token_ids"]), len(reference)))
         aborted += last.get("aborted_generations", 0)
         assert response["status"] in ("completed", "incomplete") and last["token_exact"] is True
         assert len(last["generation_token_ids"]) == len(reference), (len(last["generation_token_ids"]), len(reference))
@@ -303,5 +306,10 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
         whole += 1
         same += last["generation_token_ids"] == reference
     print(f"\npause(abort) mid-generation: {aborted} generations aborted and continued; {whole}/{len(requests)} "
-          f"turns whole; {same}/{len(requests)} token-identical to the uninterrupted run")
-    assert aborted >= 1 and whole == len(requests)
+          f"turns whole; {same}/{len(requests)} token-identical to the uninterrupted run; tokens (paused, uninterrupted): "
+          f"{tokens}")
+    # all of them were running when the pause landed: each was aborted once (vLLM counts it) and continued once
+    vllm_aborts = metric_total(srv.metrics_text(), "vllm:request_success_total", finished_reason="abort") - aborts_before
+    print(f"vLLM counted {vllm_aborts:g} aborted requests")
+    assert aborted == len(requests) and whole == len(requests)
+    assert vllm_aborts == len(requests)
