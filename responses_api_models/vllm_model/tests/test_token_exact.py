@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import yaml
@@ -344,15 +345,13 @@ def test_a_pause_that_never_ends_fails_the_turn_in_time_and_a_backend_that_canno
     assert blind.stats()["chat"] == 3  # reference, aborted, sent again: nothing more
 
 
-def run_rollouts(g, n: int, concurrency: int, on_done=None) -> list[tuple[int, dict]]:
+def run_rollouts(g, n: int, concurrency: int) -> list[tuple[int, dict]]:
     url = g.url(AGENT) + "/run"
     results: list = [None] * n
     with ThreadPoolExecutor(concurrency) as pool:
         futures = {pool.submit(http_json, url, ROW, 60): i for i in range(n)}
-        for done, future in enumerate(as_completed(futures), 1):
+        for future in as_completed(futures):
             results[futures[future]] = future.result()
-            if on_done:
-                on_done(done)
     return results
 
 
@@ -384,13 +383,19 @@ def test_every_call_of_a_token_exact_session_goes_to_its_backend_and_a_dead_one_
     # A backend killed in the middle of a run: its sessions move to the other one. The next turns still
     # extend the exact ids (they travel in the history, not in the server); only the prefix cache is lost.
     victim, survivor = backends
-    seen_before = set(survivor.sessions())
+    seen_before = set(routes)
 
-    def kill(done: int):
-        if done == 4:
-            victim.proc.send_signal(signal.SIGKILL)
+    def kill_in_the_middle_of_an_episode() -> None:
+        def mid_episode() -> bool:  # turn 1 done on the victim, at least one turn to go (calls 3 to 6 of 9)
+            calls = Counter(r["session"] for r in victim.requests() if r["session"] and r["session"] not in seen_before)
+            return any(3 <= n <= 6 for n in calls.values())
+        wait_until(mid_episode, 30, "a session on the victim in the middle of its episode", interval=0.01)
+        victim.proc.send_signal(signal.SIGKILL)
 
-    results = run_rollouts(g, 16, 4, on_done=kill)
+    with ThreadPoolExecutor(1) as pool:
+        killer = pool.submit(kill_in_the_middle_of_an_episode)
+        results = run_rollouts(g, 16, 4)
+        killer.result(30)
     assert victim.proc.wait(5) == -signal.SIGKILL
     assert_exact_episodes(results, turns=3)
     calls = {s: n for s, n in survivor.sessions().items() if s not in seen_before}
