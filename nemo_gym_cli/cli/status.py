@@ -85,8 +85,7 @@ def servers_table(snap: Snapshot, head: str) -> Table:
         table.add_column(col)
     for s, why in zip(snap.servers, snap.answers):
         answer = Text("up", style="green") if why is None else Text(f"down ({why})", style="red")
-        name = s["name"] if not s.get("replica") else f"{s['name']}#{s['replica']}"
-        table.add_row(Text(name), s["server_type"], Text(s["impl"]), Text(s.get("url") or DASH),
+        table.add_row(Text(s["label"]), s["server_type"], Text(s["impl"]), Text(s.get("url") or DASH),
                       Text(node_label(s)), str(s.get("pid") or DASH), s["state"], str(s.get("restarts", 0)), answer)
     return table
 

@@ -11,7 +11,7 @@ from nemo_gym_cli.serving.errors import ServerCallError
 
 class HeadClient:
     HEALTH = "/health"
-    SERVERS = "/servers"  # every registered replica: name, url, pid, replica, node, server_type, ...
+    SERVERS = "/servers"  # every replica: name, label, url, pid, replica, node, host, server_type, ...
     CONFIG = "/config"  # the graph's config, secrets masked
     REGISTER = "/register"  # a child's replica, once it serves
     COLLECTIONS = "/collections"  # the running collections' progress, for ng_status
