@@ -61,8 +61,8 @@ class HeadServer(BaseServer):
     @property
     def host_and_port(self) -> tuple[str, int]:
         """Where it listens, from its URL (the port it got when the configured one was 0)."""
-        host, port = self.url.split("//", 1)[1].rsplit(":", 1)
-        return host, int(port)
+        url = urlsplit(self.url)
+        return str(url.hostname), int(url.port or 0)
 
     async def start(self, host: str, port: int) -> str:
         self.running = await serve(self, host, port)
@@ -150,8 +150,8 @@ class HeadServer(BaseServer):
             url = urlsplit(entry["url"])
             fields = config[name][spec.server_type][spec.impl]
             fields["host"], fields["port"] = url.hostname, url.port
-        url = urlsplit(self.url)
-        config["head_server"] = {**(config.get("head_server") or {}), "host": url.hostname, "port": url.port}
+        host, port = self.host_and_port
+        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": port}
         return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
     @route(HeadClient.SERVER_INSTANCES, "GET")
