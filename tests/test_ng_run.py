@@ -24,7 +24,7 @@ from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, free_port, http_js
 from nemo_gym_cli.testing.harness.scenarios import (ENV, HF_TOKEN, SECRET, alive, by_name, server_processes, start_pair,
                                                    user_folder, wait_for_exit)
 
-SERVER_KEYS = {"name", "server_type", "impl", "replica", "url", "pid", "node", "host", "state", "restarts"}
+SERVER_KEYS = {"name", "label", "server_type", "impl", "replica", "url", "pid", "node", "host", "state", "restarts"}
 
 
 def port_is_free(port: int) -> bool:

@@ -8,6 +8,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import threading
 
@@ -87,6 +88,20 @@ def test_ng_status_shows_backends_paused_for_a_weight_sync_as_paused_not_down(st
     assert states() == ["paused", "paused"]
     assert http_json(g.url("policy_model") + "/resume", {})[0] == 200
     assert states() == ["up", "up"]
+
+
+def test_ng_status_names_each_replica_and_the_node_it_runs_on(standins, graph, tmp_path):
+    g = graph([VLLM_MODEL, WEATHER], env=weather_env(standins(1)), args=["++simple_weather.resources_servers.simple_weather.replicas=2"])
+    result = run_cli("ng_status", [f"+head_server.port={g.head_port}"], cwd=tmp_path, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    header = ["name", "type", "impl", "url", "node", "pid", "state", "restarts", "answers"]
+    servers = g.servers()
+    assert sorted(s["label"] for s in servers) == ["policy_model", "simple_weather#0", "simple_weather#1",
+                                                   "simple_weather_simple_agent"]
+    for s in servers:  # a local process: its node is this machine's name, as it registered
+        row = dict(zip(header, cells(result.stdout, s["url"])))
+        assert (row["name"], row["node"], row["pid"]) == (s["label"], socket.gethostname(), str(s["pid"])), row
+        assert s["node"] == socket.gethostname() and s["host"] is None
 
 
 def test_a_collection_publishes_its_progress_to_the_head_server(standins, graph, tmp_path):

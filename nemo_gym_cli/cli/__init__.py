@@ -1,1 +1,1 @@
-"""Console scripts (commands) and ng_status (status)."""
+"""The console scripts (commands.py), ng_status (status.py) and ng_init_env (init_env.py)."""

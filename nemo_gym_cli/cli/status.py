@@ -29,6 +29,7 @@ running, waiting, KV cache, prefix-cache hit rate, preemptions) and the collecti
 """
 
 WATCH_INTERVAL_S = 1.0
+ANSWER_TIMEOUT_S = 3  # a server (or the head server) slower than this to answer is shown down
 DASH = "-"
 
 
@@ -52,20 +53,20 @@ async def take_snapshot(client: ServerClient) -> Snapshot:
         if not s.get("url"):
             return "no url"
         try:
-            await client.request_json("GET", s["url"] + s.get("probe_path", "/health"), server=s["name"], timeout_s=3, retries=0)
+            await client.request_json("GET", s["url"] + s["probe_path"], server=s["name"], timeout_s=ANSWER_TIMEOUT_S, retries=0)
             return None
         except ServerCallError as e:
             return e.message
 
     async def backends(s: dict) -> dict | str:
         try:
-            return await client.request_json("GET", f"{s['url']}/backends", server=s["name"], timeout_s=3, retries=0)
+            return await client.request_json("GET", f"{s['url']}/backends", server=s["name"], timeout_s=ANSWER_TIMEOUT_S, retries=0)
         except ServerCallError as e:
             return e.message
 
     async def collections() -> list[dict]:
         try:
-            return await HeadClient(client).collections()
+            return await HeadClient(client).collections(timeout_s=ANSWER_TIMEOUT_S)
         except ServerCallError:
             return []  # an older head server
 
@@ -85,8 +86,7 @@ def servers_table(snap: Snapshot, head: str) -> Table:
         table.add_column(col)
     for s, why in zip(snap.servers, snap.answers):
         answer = Text("up", style="green") if why is None else Text(f"down ({why})", style="red")
-        name = s["name"] if not s.get("replica") else f"{s['name']}#{s['replica']}"
-        table.add_row(Text(name), s["server_type"], Text(s["impl"]), Text(s.get("url") or DASH),
+        table.add_row(Text(s["label"]), s["server_type"], Text(s["impl"]), Text(s.get("url") or DASH),
                       Text(node_label(s)), str(s.get("pid") or DASH), s["state"], str(s.get("restarts", 0)), answer)
     return table
 
@@ -141,7 +141,7 @@ async def show_status(config: dict, watch: bool = False) -> int:
     console = make_console()
     if not console.is_terminal:
         console.width = 240  # the backends table is wide; piped output should not squeeze it
-    client = ServerClient({"max_retries": 0, "connect_timeout_s": 3}, head_url(config))
+    client = ServerClient({"max_retries": 0, "connect_timeout_s": ANSWER_TIMEOUT_S}, head_url(config))
     try:
         try:
             snap = await take_snapshot(client)

@@ -279,7 +279,7 @@ async def run_agent(job: Job, client: ServerClient) -> dict:
 
 async def list_agents(client: ServerClient) -> list[dict]:
     """The agents the head server knows (raises ServerCallError when it does not answer)."""
-    servers = await HeadClient(client).servers(timeout_s=5, retries=1)
+    servers = await HeadClient(client).servers(timeout_s=HeadClient.LOOKUP_TIMEOUT_S, retries=HeadClient.LOOKUP_RETRIES)
     return [s for s in servers if s.get("server_type") == AGENT_SERVERS]
 
 
@@ -321,18 +321,18 @@ def start_run(jobs: Iterator[Job], client: ServerClient, limit: ConcurrencyLimit
 async def collect_rollouts(rows: Iterable[dict], *, head_url: str | None = None,
                            concurrency: "int | ConcurrencyLimit | str" = DEFAULTS["concurrency"],
                            concurrency_max: int = DEFAULTS["concurrency_max"],
-                           num_repeats: "int | dict[str, int]" = 1,
+                           num_repeats: "int | dict[str, int]" = DEFAULTS["num_repeats"],
                            agent_name: str | None = None, max_attempts: int = DEFAULTS["max_attempts"],
                            responses_create_params: dict | None = None,
                            http_config: dict | None = None,
                            graph_wait_s: float = DEFAULTS["graph_wait_s"]) -> AsyncIterator[dict[str, Any]]:
     """Yield one dict per finished rollout (see the module doc). `rows` is read lazily.
 
-    head_url: the ng_run head server (default http://127.0.0.1:11000). num_repeats: an int or
+    head_url: the ng_run head server (default: head_server in conf/base.yaml). num_repeats: an int or
     `{"_default": 1, "my_agent": 8}`. agent_name: the agent of rows without `agent_ref`.
     concurrency="auto": the limit follows the vLLM servers' gauges (autoconcurrency.py), never
     above concurrency_max. graph_wait_s: how long to wait for a gone ng_run to come back (default:
-    conf/ng_collect_rollouts.yaml). Raises ServerCallError when the head server does not answer
+    conf/collection.yaml). Raises ServerCallError when the head server does not answer
     at the start, and GraphGone (after yielding what finished) when the graph went away and did
     not come back: the rollouts not yielded never ran.
     """

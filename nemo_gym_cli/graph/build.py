@@ -88,7 +88,7 @@ def build_server(spec: ServerSpec, global_config: dict, client: ServerClient) ->
 
 
 def bind_address(spec: ServerSpec, global_config: dict) -> tuple[str, int]:
-    host = spec.config.get("host") or global_config.get("default_host") or "127.0.0.1"
+    host = spec.config.get("host") or global_config["default_host"]  # its default: conf/base.yaml
     return str(host), int(spec.config.get("port") or 0)
 
 

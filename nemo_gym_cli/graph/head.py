@@ -1,11 +1,13 @@
 """The head server: the registry of the graph, living in the ng_run process.
 
 Every replica of every server binds its own port and registers `{name, url, pid, replica,
-node, host}` here (node: the Ray node id, or this host's name for a local process; host: the
-address of the machine it runs on, for a Ray actor) (no bind-then-close port race); clients resolve names through `GET /servers`,
-one entry per replica. A replica that exits loses its url until it registers again; a
-restart (counted in `restarts`) keeps its entry. `GET /config` shows the resolved config
-with secrets masked. It is one of our servers: same routing, JSON errors and /metrics.
+node, host}` here (no bind-then-close port race); node: the Ray node id, or this host's name
+for a local process; host: the address of the machine it runs on, for a Ray actor. Clients
+resolve names through `GET /servers`, one entry per replica, labelled as logs name it (`name`,
+or `name#i` for one of several: ServerSpec.label). A replica that exits loses its url until it
+registers again; a restart (counted in `restarts`) keeps its entry. `GET /config` shows the
+resolved config with secrets masked. It is one of our servers: same routing, JSON errors and
+/metrics.
 
 It also answers NeMo Gym's head routes, so NeMo Gym's own ng_collect_rollouts runs against our
 graph: `GET /global_config_dict_yaml` (the masked config as a YAML string, each server's host and
@@ -47,9 +49,9 @@ class HeadServer(BaseServer):
         self.started_at = time.time()
         # probe_path: what answers when it serves (NeMo Gym's servers have no /health, only GET /).
         self.servers: dict[tuple[str, int], dict] = {
-            (name, r): {"name": name, "server_type": s.server_type, "impl": s.impl, "replica": r, "url": None,
-                        "pid": None, "node": None, "host": None, "state": "starting", "restarts": 0, "runtime": s.runtime,
-                        "probe_path": "/" if s.runtime == NEMO_GYM else "/health"}
+            (name, r): {"name": name, "label": s.label(r), "server_type": s.server_type, "impl": s.impl, "replica": r,
+                        "url": None, "pid": None, "node": None, "host": None, "state": "starting", "restarts": 0,
+                        "runtime": s.runtime, "probe_path": "/" if s.runtime == NEMO_GYM else "/health"}
             for name, s in specs.items() for r in range(s.replicas)
         }
         self.running: RunningServer | None = None
@@ -59,8 +61,8 @@ class HeadServer(BaseServer):
     @property
     def host_and_port(self) -> tuple[str, int]:
         """Where it listens, from its URL (the port it got when the configured one was 0)."""
-        host, port = self.url.split("//", 1)[1].rsplit(":", 1)
-        return host, int(port)
+        url = urlsplit(self.url)
+        return str(url.hostname), int(url.port or 0)
 
     async def start(self, host: str, port: int) -> str:
         self.running = await serve(self, host, port)
@@ -148,8 +150,8 @@ class HeadServer(BaseServer):
             url = urlsplit(entry["url"])
             fields = config[name][spec.server_type][spec.impl]
             fields["host"], fields["port"] = url.hostname, url.port
-        url = urlsplit(self.url)
-        config["head_server"] = {**(config.get("head_server") or {}), "host": url.hostname, "port": url.port}
+        host, port = self.host_and_port
+        config["head_server"] = {**(config.get("head_server") or {}), "host": host, "port": port}
         return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
     @route(HeadClient.SERVER_INSTANCES, "GET")

@@ -80,7 +80,7 @@ def connect(config: dict) -> Any:
     except ImportError as e:
         raise RayUnavailable(f"+ray.address={address} needs Ray, which is not installed here ({e}): {INSTALL_HINT}") from None
     try:
-        ray.init(address=address, namespace=str((config.get("ray") or {}).get("namespace") or "nemo_gym"),
+        ray.init(address=address, namespace=str(config["ray"]["namespace"]),  # its default: conf/ng_run.yaml
                  log_to_driver=True, logging_level="WARNING", configure_logging=False)
     except Exception as e:  # ConnectionError, a version mismatch, a bad address ...
         hint = CLIENT_SERVER_HINT if "Starting Ray client server failed" in str(e) else ""
@@ -193,7 +193,7 @@ class RayReplicas:
         async with self._exposing:
             if self._actor_config is None:
                 host, (bound, port) = self.head_host, self.head.host_and_port
-                if host != bound and bound not in ("0.0.0.0", "[::]"):
+                if host != bound and bound not in ("0.0.0.0", "::"):
                     await expose(self.head, host, port)
                 self._actor_config = {**self.config, "head_server": {**(self.config.get("head_server") or {}),
                                                                      "host": host, "port": port}}

@@ -5,6 +5,8 @@
 - `graph(config_paths, env=..., args=...)`: a real `ng_run` in the test's temporary directory,
   with its own head server port; waits until every server answers, stops it at teardown.
 - `mode`: "processes" and "colocated" (NG_TEST_BOTH_MODES=0: processes only).
+- `figures`: lines a test measured (wall times, counts), shown at the end of the run in a
+  "figures" section, with or without -q or -s (CI logs keep them).
 Set NG_TEST_COLOCATE=1 to run every `graph` with +colocate=true.
 """
 
@@ -16,6 +18,8 @@ import pytest
 
 from nemo_gym_cli.testing.harness.graph import Graph
 from nemo_gym_cli.testing.harness.standin import StandIn
+
+FIGURES = pytest.StashKey[list]()
 
 
 @pytest.fixture
@@ -54,3 +58,16 @@ def graph(tmp_path):
     for g in started:
         g.stop()
         g.kill_leftovers()
+
+
+@pytest.fixture(scope="session")
+def figures(pytestconfig) -> list[str]:
+    return pytestconfig.stash.setdefault(FIGURES, [])
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    lines = config.stash.get(FIGURES, [])
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)

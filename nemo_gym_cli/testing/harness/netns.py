@@ -1,6 +1,6 @@
 """Several hosts on one machine for multi-host tests: Linux network namespaces linked by a veth
 pair, each with its own loopback and an address from 192.0.2.0/24 (TEST-NET-1: nothing leaves
-the machine). Needs root and iproute2's `ip`.
+the machine). Needs root with the rights to make them (why_no_namespaces says) and iproute2's `ip`.
 
 A process runs on a host through `host.argv([...])` (`ip netns exec`, which execs: the pid is the
 command's own); the test's own HTTP calls reach a host through `host.call(fn, ...)`, which runs
@@ -109,11 +109,21 @@ def _join(name: str) -> None:
 
 
 def why_no_namespaces() -> str | None:
-    """None if this process can make network namespaces; else the reason, for a skip."""
+    """None if this process can make linked network namespaces; else the reason, for a skip. Being
+    root is not enough (a container may withhold CAP_SYS_ADMIN or CAP_NET_ADMIN): it makes a
+    namespace with a veth pair in it, and says what `ip` said when it could not."""
     if os.geteuid() != 0:
         return "needs root to create network namespaces (ip netns)"
     if shutil.which("ip") is None:
         return "needs iproute2's `ip` to create network namespaces"
+    probe = f"ngprobe{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+        _ip("-n", probe, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1")
+    except RuntimeError as e:
+        return f"cannot create linked network namespaces here: {e}"
+    finally:  # (deleting the namespace deletes the pair in it)
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
     return None
 
 
