@@ -184,11 +184,11 @@ class RayHead(LocalProcess):
         self.on_restarted = on_restarted
         self.probe = ServerClient({"max_retries": 0})
         self.lives = 0
-        self.healthy = False  # its agent answered /api/healthz in this life: liveness probes it from then on
+        self.agent_up = False  # its agent answered /api/healthz in this life: liveness probes it from then on
         self.watching: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.healthy = False
+        self.agent_up = False
         await super().start()
         self.lives += 1
         self.watching = asyncio.create_task(self._watch_start(restarted=self.lives > 1))
@@ -204,9 +204,12 @@ class RayHead(LocalProcess):
             if self.on_restarted is not None:
                 self.on_restarted()
         while self.proc is not None and self.proc.returncode is None:
-            if await self.probe.health_problem(self.agent_url, 2, RAY_HEALTH_PATH) is None:
-                self.healthy = True
+            try:
+                await self.probe.health_status(self.agent_url + RAY_HEALTH_PATH, 2)
+                self.agent_up = True  # from now on a 503 (its GCS does not answer) is a failed probe
                 return
+            except Exception:
+                pass  # not listening yet
             await asyncio.sleep(RAY_HEALTH_POLL_S)
 
     @property
@@ -215,7 +218,7 @@ class RayHead(LocalProcess):
 
     def liveness_targets(self) -> list[dict]:
         """For its supervisor's liveness probes (supervisor.py): its agent, once it answered."""
-        if not self.healthy or self.pid is None:
+        if not self.agent_up or self.pid is None:
             return []
         return [{"name": RAY_HEAD_LABEL, "replica": 0, "pid": self.pid, "url": self.agent_url, "state": "ready",
                  "probe_path": RAY_HEALTH_PATH}]
