@@ -258,9 +258,9 @@ class Collector:
 
     # ------------------------------------------------------------ the run
     async def run(self) -> int:
-        agents = await self.check_agents()
         graph_config = await self.graph_config()
-        self.find_input_in_the_graphs_tree(graph_config)
+        self.find_input_in_the_graphs_tree(graph_config)  # (a missing input is the first thing to fix)
+        agents = await self.check_agents()
         self.stats.thresholds = self.pass_thresholds(agents, graph_config)
         await self.prepare(agents)
         models = await model_servers(self.client)

@@ -188,6 +188,8 @@ class RayHead(LocalProcess):
         self.watching: asyncio.Task | None = None
 
     async def start(self) -> None:
+        if self.watching is not None:
+            self.watching.cancel()  # the last life's
         self.agent_up = False
         await super().start()
         self.lives += 1
