@@ -30,10 +30,9 @@ from pathlib import Path
 
 import psutil
 import yaml
-from rich.console import Console
 from rich.table import Table
 
-from bench.common import repro_command
+from bench.common import console, repro_command
 from nemo_gym_cli.config.nemo_gym import nemo_gym_tree
 from nemo_gym_cli.testing.harness import Graph, StandIn, run_cli
 from nemo_gym_cli.testing.harness.nemo_gym import ensure_nemo_gym
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         in_run = f"{r['in_run_rps']:.1f} ({r['in_run_rps'] / base['in_run_rps']:.2f}x)" if r["in_run_rps"] and base["in_run_rps"] else "-"
         table.add_row(r["mode"], str(r["rollouts"]), f"{r['wall_s']:.1f}", f"{r['rps']:.1f} ({r['rps'] / base['rps']:.2f}x)",
                       in_run, f"{cpu:.1f} ({r['servers_ms']:.1f} + {r['collector_ms']:.1f}; {cpu_ratio:.2f}x)")
-    Console().print(table)
+    console.print(table)
     print(f"reproduce: {repro_command(p, args, __file__)}")
     return 0
 
