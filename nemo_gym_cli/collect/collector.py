@@ -24,7 +24,7 @@ from nemo_gym_cli.collect.publish import ProgressPublisher
 from nemo_gym_cli.collect.report import backend_counts, report, spread
 from nemo_gym_cli.collect.stats import Stats
 from nemo_gym_cli.config import AGENT_SERVERS, Composed, head_url, resolve_path
-from nemo_gym_cli.config.nemo_gym import nemo_gym_roots
+from nemo_gym_cli.config.nemo_gym import nemo_gym_python, nemo_gym_roots
 from nemo_gym_cli.serving.errors import ServerCallError
 from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.logs import make_console
@@ -139,11 +139,7 @@ class Collector:
         self.config = cfg = composed.config
         self.console = make_console(stderr=True)
         self.agent = str(cfg["agent_name"]) if cfg.get("agent_name") else None
-        found = resolve_path(str(cfg["input_jsonl_fpath"]), extra_roots=nemo_gym_roots(cfg))
-        if found is None or not found.is_file():
-            raise SetupError(f"+input_jsonl_fpath: file '{cfg['input_jsonl_fpath']}' not found (looked in the current "
-                             f"directory, the project root, then the NeMo Gym tree of +nemo_gym.python when set)")
-        self.input = found
+        self.input = self._find_input(cfg)  # None: looked for again with the running graph's nemo_gym.python
         self.output = Path(str(cfg["output_jsonl_fpath"])).expanduser().absolute()
         self.failures_path, self.metrics_path = J.out_paths(self.output)
         key = "num_samples_in_parallel" if cfg.get("num_samples_in_parallel") else "concurrency"
@@ -183,15 +179,34 @@ class Collector:
                              f"(agents: {', '.join(sorted(names)) or 'none'})")
         return names
 
-    async def pass_thresholds(self, agents: set[str]) -> dict[str, float]:
-        """Each agent's `pass_threshold` from the graph's config (default 1.0)."""
+    def _find_input(self, config: dict) -> Path | None:
+        """+input_jsonl_fpath in the current directory, the project root, then the NeMo Gym tree of
+        `nemo_gym.python` of `config` (ours, or the running graph's)."""
+        found = resolve_path(str(self.config["input_jsonl_fpath"]), extra_roots=nemo_gym_roots(config))
+        return found if found is not None and found.is_file() else None
+
+    def find_input_in_the_graphs_tree(self, graph_config: dict) -> None:
+        """A relative NeMo Gym data path works as typed when the graph runs NeMo Gym's servers: without
+        +nemo_gym.python here, the NeMo Gym tree of the graph's own is searched too."""
+        if self.input is None and not nemo_gym_python(self.config):
+            self.input = self._find_input(graph_config)
+        if self.input is None:
+            raise SetupError(f"+input_jsonl_fpath: file '{self.config['input_jsonl_fpath']}' not found (looked in the "
+                             f"current directory, the project root, then the NeMo Gym tree of +nemo_gym.python, yours "
+                             f"or the running graph's)")
+
+    async def graph_config(self) -> dict:
+        """The running graph's config (secrets masked), or {} when the head server does not give it."""
         try:
-            config = await HeadClient(self.client).config()
+            return await HeadClient(self.client).config() or {}
         except ServerCallError:
             return {}
+
+    def pass_thresholds(self, agents: set[str], config: dict) -> dict[str, float]:
+        """Each agent's `pass_threshold` from the graph's config (default 1.0)."""
         thresholds = {}
         for name in agents:
-            impls = ((config or {}).get(name) or {}).get(AGENT_SERVERS) or {}
+            impls = (config.get(name) or {}).get(AGENT_SERVERS) or {}
             for impl in impls.values():
                 if isinstance(impl, dict) and isinstance(impl.get("pass_threshold"), (int, float)):
                     thresholds[name] = float(impl["pass_threshold"])
@@ -243,8 +258,10 @@ class Collector:
 
     # ------------------------------------------------------------ the run
     async def run(self) -> int:
+        graph_config = await self.graph_config()
+        self.find_input_in_the_graphs_tree(graph_config)  # (a missing input is the first thing to fix)
         agents = await self.check_agents()
-        self.stats.thresholds = await self.pass_thresholds(agents)
+        self.stats.thresholds = self.pass_thresholds(agents, graph_config)
         await self.prepare(agents)
         models = await model_servers(self.client)
         backends_before = await backend_counts(self.client, models)

@@ -47,7 +47,7 @@ class HeadServer(BaseServer):
         self.masked_config = mask_secrets(config)
         self.specs = specs
         self.started_at = time.time()
-        # probe_path: what answers when it serves (NeMo Gym's servers have no /health, only GET /).
+        # probe_path: what answers when it serves, and while it lives (NeMo Gym's servers have no /health, only GET /).
         self.servers: dict[tuple[str, int], dict] = {
             (name, r): {"name": name, "label": s.label(r), "server_type": s.server_type, "impl": s.impl, "replica": r,
                         "url": None, "pid": None, "node": None, "host": None, "state": "starting", "restarts": 0,

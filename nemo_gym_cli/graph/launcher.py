@@ -131,20 +131,27 @@ class Launcher:
                 self._supervise(self.runner_factory(spec, replica), policy)
 
     async def _start_nemo_gym_servers(self) -> None:
-        """NeMo Gym's own servers (nemo_runtime.py), on one Ray cluster: +ray.address, else a Ray head
-        of ours, started first and supervised with the graph (its death stops the graph)."""
+        """NeMo Gym's own servers (nemo_runtime.py), on one Ray cluster: a Ray head of ours, started
+        first and supervised like a server (restarted when it dies or stops answering)."""
         if not self.nemo_specs:
             return
-        ray_address = ray_runner.ray_address(self.config)
-        if not ray_address:
-            ray_head = nemo_runtime.RayHead(self.config, Path(self.tmpdir.name) / "ray", self.secrets)
-            self._supervise(ray_head, None)  # its supervisor starts it
-            await ray_head.wait_serving()
-            ray_address = ray_head.address
-        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.url, ray_address)
+        ray_head = nemo_runtime.RayHead(self.config, Path(self.tmpdir.name) / "ray", self.secrets,
+                                        on_started=self.graph_state.child_started, on_restarted=self._nemo_servers_rejoin)
+        self._supervise(ray_head, RestartPolicy.from_config(self.config))  # its supervisor starts it
+        await ray_head.wait_serving()
+        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.url, ray_head.address)
         for spec in self.nemo_specs:
             policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
-            self._supervise(nemo_runtime.NemoGymProcess(spec, self.config, dict_yaml, self.head, self.secrets), policy)
+            self._supervise(nemo_runtime.NemoGymProcess(spec, self.config, dict_yaml, self.head, self.secrets,
+                                                        on_started=self.graph_state.child_started), policy)
+
+    def _nemo_servers_rejoin(self) -> None:
+        """The Ray head was restarted: every NeMo Gym server is restarted to join the new cluster (a Ray
+        driver cannot change clusters; left alone it would exit 60 s after losing its GCS)."""
+        for supervisor in self.supervisors:
+            runner = supervisor.runner
+            if isinstance(runner, nemo_runtime.NemoGymProcess) and runner.proc is not None and runner.proc.returncode is None:
+                supervisor.kill("its Ray cluster (the ray head) was restarted")
 
     def _supervise(self, runner: ReplicaRunner, policy: RestartPolicy | None) -> None:
         supervisor = Supervisor(runner, self.head, policy, lambda text: console.print(text, style="yellow", markup=False),

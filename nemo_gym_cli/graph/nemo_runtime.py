@@ -8,8 +8,12 @@ and its tree), exactly as NeMo Gym's ng_run starts it:
   scrubbed like our servers').
 - A NeMo Gym server reads its peers' addresses once, at start, so every single-replica server of
   the graph (ours too) gets a fixed port, kept across restarts.
-- One Ray cluster for all of them: `+ray.address` (the user's), else a Ray head that ng_run
-  starts with their Python (Ray's versions must match exactly) and stops with the graph.
+- One Ray cluster for all of them: a Ray head that ng_run starts with their Python (Ray's
+  versions must match exactly) and stops with the graph. (`+ray.address`, our servers as Ray
+  actors, is refused with NeMo Gym servers: ray_runner.check_ray_config says why.)
+- The Ray head is supervised too: probed through its dashboard agent's /api/healthz (503 when the
+  GCS does not answer), restarted on its ports when it dies or freezes; then every NeMo Gym server
+  is restarted, as a Ray driver cannot join a new cluster (it would exit 60 s after losing its GCS).
 - Ready when `GET /` answers (they have no /health); then ng_run registers them with the head
   server (name, url, pid) and supervises them like ours.
 Their code is never imported by ours.
@@ -23,6 +27,7 @@ import random
 import socket
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -41,6 +46,10 @@ READY_POLL_S = 0.1
 PORT_TRIES = 200
 RAY_HEAD_LABEL = "ray head"
 RAY_STOP_GRACE_S = 2.0  # our own cluster, alone in its temporary folder: no 30 s drain
+RAY_HEALTH_PATH = "/api/healthz"  # of its dashboard agent: the raylet's and the GCS's health (a frozen GCS: 503)
+RAY_HEALTH_POLL_S = 0.5  # until the agent first answers (it starts many seconds after the GCS)
+
+OnStarted = Callable[[str, int, list[str]], None]  # the graph's leftovers record (processes.py)
 
 
 def nemo_specs(specs: dict[str, ServerSpec]) -> list[ServerSpec]:
@@ -109,12 +118,13 @@ class NemoGymProcess(LocalProcess):
     """A NeMo Gym server as a ReplicaRunner: `python app.py` in its folder; registered with the head
     server (in this process) once `GET /` answers, after every start."""
 
-    def __init__(self, spec: ServerSpec, config: dict, dict_yaml: str, head: HeadServer, secrets: set[str]):
+    def __init__(self, spec: ServerSpec, config: dict, dict_yaml: str, head: HeadServer, secrets: set[str],
+                 on_started: OnStarted | None = None):
         python = nemo_gym_python(config)
         assert python is not None and spec.folder is not None  # validate_servers checked both
         super().__init__(spec.name, [(spec.name, 0)], [], secrets, config.get("log_dir"),
                          command=[str(Path(python).expanduser()), str(spec.config.get("entrypoint", "app.py"))],
-                         cwd=str(spec.folder), env=_environment(spec, dict_yaml))
+                         cwd=str(spec.folder), env=_environment(spec, dict_yaml), on_started=on_started)
         self.url = f"http://{spec.config['host']}:{spec.config['port']}"
         self.head = head
         self.probe = ServerClient({"max_retries": 0})
@@ -152,24 +162,74 @@ class NemoGymProcess(LocalProcess):
 
 class RayHead(LocalProcess):
     """A Ray head on this machine for the NeMo Gym servers of one graph, run with their Python by
-    `ray start --head --block` in its own process group (stopping it stops the whole cluster).
-    Its ports are free ones, never Ray's defaults (another cluster on the machine may hold them),
-    and its files live in ng_run's temporary folder."""
+    `ray start --head --block` in its own process group (stopping it stops the whole cluster; it
+    exits itself when its GCS or raylet dies). Its ports are free ones, never Ray's defaults
+    (another cluster on the machine may hold them), kept across restarts (the NeMo Gym servers
+    have its address); its files live in ng_run's temporary folder. `on_restarted()`: a restarted
+    head serves again."""
 
-    def __init__(self, config: dict, temp_dir: Path, secrets: set[str]):
+    def __init__(self, config: dict, temp_dir: Path, secrets: set[str], on_started: OnStarted | None = None,
+                 on_restarted: Callable[[], None] | None = None):
         python = str(Path(nemo_gym_python(config) or sys.executable).expanduser())
         self.timeout_s = float(_nemo_settings(config)["ray_start_timeout_s"])
-        self.port = _loopback_free_port()
+        self.port, self.agent_port = _loopback_free_port(), _loopback_free_port()
         ports = ["--port", str(self.port), "--ray-client-server-port", str(_loopback_free_port()),
-                 "--dashboard-agent-listen-port", str(_loopback_free_port()), "--min-worker-port", "0", "--max-worker-port", "0"]
+                 "--dashboard-agent-listen-port", str(self.agent_port), "--min-worker-port", "0", "--max-worker-port", "0"]
         command = [python, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
                    "start", "--head", "--block", "--node-ip-address", "127.0.0.1", *ports, "--include-dashboard=false",
                    "--disable-usage-stats", "--temp-dir", str(temp_dir)]
-        super().__init__(RAY_HEAD_LABEL, [], [], secrets, config.get("log_dir"), command=command, env=_their_environment())
+        super().__init__(RAY_HEAD_LABEL, [], [], secrets, config.get("log_dir"), command=command, env=_their_environment(),
+                         on_started=on_started)
         self.address = f"127.0.0.1:{self.port}"
+        self.on_restarted = on_restarted
+        self.probe = ServerClient({"max_retries": 0})
+        self.lives = 0
+        self.agent_up = False  # its agent answered /api/healthz in this life: liveness probes it from then on
+        self.watching: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.watching is not None:
+            self.watching.cancel()  # the last life's
+        self.agent_up = False
+        await super().start()
+        self.lives += 1
+        self.watching = asyncio.create_task(self._watch_start(restarted=self.lives > 1))
+
+    async def _watch_start(self, restarted: bool) -> None:
+        if restarted:
+            try:
+                await self.wait_serving()
+            except RuntimeError as e:
+                self.lines.append(str(e))
+                self.kill()  # its supervisor restarts it again, or gives up (a restart storm)
+                return
+            if self.on_restarted is not None:
+                self.on_restarted()
+        while self.proc is not None and self.proc.returncode is None:
+            try:
+                await self.probe.health_status(self.agent_url + RAY_HEALTH_PATH, 2)
+                self.agent_up = True  # from now on a 503 (its GCS does not answer) is a failed probe
+                return
+            except Exception:
+                pass  # not listening yet
+            await asyncio.sleep(RAY_HEALTH_POLL_S)
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://127.0.0.1:{self.agent_port}"
+
+    def liveness_targets(self) -> list[dict]:
+        """For its supervisor's liveness probes (supervisor.py): its agent, once it answered."""
+        if not self.agent_up or self.pid is None:
+            return []
+        return [{"name": RAY_HEAD_LABEL, "replica": 0, "pid": self.pid, "url": self.agent_url, "state": "ready",
+                 "probe_path": RAY_HEALTH_PATH}]
 
     async def stop(self, grace_s: float) -> None:
+        if self.watching is not None:
+            self.watching.cancel()
         await super().stop(min(grace_s, RAY_STOP_GRACE_S))
+        await self.probe.close()
 
     async def wait_serving(self) -> None:
         """Until its GCS accepts connections; raises if it exits or takes longer than ray_start_timeout_s."""

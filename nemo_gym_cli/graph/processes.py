@@ -2,7 +2,8 @@
 
 Its output is scrubbed of secrets, prefixed with its label on ng_run's stderr, appended to
 `<log_dir>/<label>.log` when configured, and its last lines kept for the report when it dies.
-It runs in its own process group (stopping it stops what it started) and gets SIGTERM if
+It runs in its own process group (stopping it stops what it started, also what it started in
+other groups: Ray's workers; what it leaves behind when it exits goes too) and gets SIGTERM if
 ng_run itself dies, even by SIGKILL. The resolved config (secrets included) reaches it through
 its stdin, never a file: nothing with secrets outlives the graph on disk.
 """
@@ -17,6 +18,8 @@ import signal
 import sys
 from pathlib import Path
 from typing import Callable
+
+import psutil
 
 from nemo_gym_cli.serving.logs import scrub
 
@@ -37,11 +40,11 @@ class LocalProcess:
     def __init__(self, label: str, members: list[tuple[str, int]], child_args: list[str], secrets: set[str],
                  log_dir: str | None, *, command: list[str] | None = None, cwd: str | None = None,
                  env: dict[str, str] | None = None, config: bytes | None = None,
-                 on_started: Callable[[str, int], None] | None = None):
+                 on_started: Callable[[str, int, list[str]], None] | None = None):
         """`child_args` of our child module; or `command` run as is (NeMo Gym's servers, a Ray
         head) in `cwd`, with `env` as its whole environment. `config`: the resolved config as JSON,
-        written to its stdin (child.py reads it there); `on_started(label, pid)`: told of every new
-        process (the graph's leftovers record)."""
+        written to its stdin (child.py reads it there); `on_started(label, pid, command)`: told of
+        every new process (the graph's leftovers record)."""
         self.label, self.members, self.child_args, self.secrets = label, members, child_args, secrets
         self.command = command or [sys.executable, "-m", "nemo_gym_cli.graph.child", *child_args]
         self.cwd, self.env = cwd, env
@@ -64,7 +67,7 @@ class LocalProcess:
             env=self.env or {**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True, preexec_fn=_die_with_parent,
         )
         if self.on_started is not None:
-            self.on_started(self.label, self.proc.pid)
+            self.on_started(self.label, self.proc.pid, self.command)
         self.pump = asyncio.create_task(self._pump(self.proc))
         if self.proc.stdin is not None:
             try:
@@ -94,6 +97,7 @@ class LocalProcess:
     async def wait(self) -> str:
         assert self.proc is not None and self.pump is not None
         code = await self.proc.wait()
+        _signal_group(self.proc, signal.SIGKILL)  # what it left behind (a Ray head's agents, a server's workers)
         await asyncio.shield(self.pump)  # its last lines
         return f"with code {code}"
 
@@ -105,19 +109,20 @@ class LocalProcess:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
-            _signal_group(self.proc, signal.SIGKILL)  # ends a stopped (SIGSTOP) process too
+            kill_tree(self.proc.pid, descendants(self.proc.pid))  # ends a stopped (SIGSTOP) process too
 
     async def stop(self, grace_s: float) -> None:
         proc = self.proc
         if proc is None:
             return
+        started = descendants(proc.pid)  # before they are orphaned: some are in groups of their own
         if proc.returncode is None:
             _signal_group(proc, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), grace_s)
             except asyncio.TimeoutError:
                 sys.stderr.write(f"ng_run: '{self.label}' did not stop within {grace_s:.0f} s; killing it\n")
-        _signal_group(proc, signal.SIGKILL)  # whatever it started, too
+        kill_tree(proc.pid, started)  # whatever it started, too
         await proc.wait()
         if self.pump is not None:
             await asyncio.gather(self.pump, return_exceptions=True)
@@ -128,3 +133,26 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below pid now, in any process group (Ray's raylet starts its workers in groups
+    of their own)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def kill_tree(group: int, found: list[psutil.Process]) -> None:
+    """SIGKILL the process group and each process found below its leader (psutil checks that a
+    pid still names the process it found)."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for proc in found:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

@@ -22,6 +22,7 @@ import socket
 from typing import Any, Callable
 
 from nemo_gym_cli.config import ServerSpec
+from nemo_gym_cli.config.specs import NEMO_GYM
 from nemo_gym_cli.graph.processes import LAST_LINES
 
 PLACEMENTS = ("spread", "pack")
@@ -59,6 +60,13 @@ def check_ray_config(config: dict, specs: dict[str, ServerSpec]) -> list[str]:
         problems.append(f"'ray.placement' must be one of {', '.join(PLACEMENTS)}, got {placement_of(config)!r}")
     if ray_address(config) and config.get("colocate"):
         problems.append("+ray.address and +colocate=true do not go together: on Ray every server replica is an actor")
+    nemo = [s.where for s in specs.values() if s.runtime == NEMO_GYM]
+    if ray_address(config) and nemo:
+        problems.append(f"'ray.address' and NeMo Gym servers ({', '.join(nemo)}) do not go together: a NeMo Gym "
+                        f"server reads the host:port of every server it calls once, at start, but on Ray our servers "
+                        f"are actors that Ray places (and places again when it restarts them) on any node. Drop "
+                        f"+ray.address: ng_run then runs every server on this machine and starts one Ray cluster for "
+                        f"the NeMo Gym servers")
     return problems
 
 

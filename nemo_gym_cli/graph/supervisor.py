@@ -1,6 +1,7 @@
 """Keeping the graph's processes up: a replica runner (how one is started), a restart policy,
 liveness probes, and the supervisor that restarts a runner that exits unexpectedly or stops
-answering its /health (frozen: SIGSTOP, a deadlock; it is killed first, then restarted).
+answering its /health (NeMo Gym's servers: GET /; frozen: SIGSTOP, a deadlock; it is killed
+first, then restarted).
 
 A `ReplicaRunner` starts one unit of the graph: one replica of one server, or the co-located
 process hosting every server. `processes.LocalProcess` is a child process of ng_run; another
@@ -20,8 +21,8 @@ from nemo_gym_cli.config.typed import load_config
 from nemo_gym_cli.config.paths import conf_defaults
 from nemo_gym_cli.graph.head import HeadServer
 
-# (server url, timeout) -> None if its /health answers in time, else why not (ServerClient.health_problem).
-Probe = Callable[[str, float], Awaitable["str | None"]]
+# (server url, timeout, path) -> None if `GET url+path` answers in time, else why not (ServerClient.health_problem).
+Probe = Callable[[str, float, str], Awaitable["str | None"]]
 
 
 class ReplicaRunner(Protocol):
@@ -47,6 +48,9 @@ class ReplicaRunner(Protocol):
 
     def last_lines(self) -> list[str]:
         """Its last log lines, for the report when it dies."""
+
+    # Optional: `liveness_targets() -> list[dict]`, what to probe instead of its members' registrations
+    # (a Ray head is no server of the head server): entries shaped like HeadServer's.
 
 
 @dataclass
@@ -108,7 +112,7 @@ class Supervisor:
         self.graph_ready = False
         self.stopping = False
         self.restarts = 0
-        self.frozen: str | None = None  # why the current life was killed, if it was
+        self.killed_because: str | None = None  # why the current life was killed, if it was
 
     async def run(self) -> str | None:
         watch = asyncio.create_task(self._watch_liveness()) if self.liveness else None
@@ -124,8 +128,8 @@ class Supervisor:
             how = await self.runner.wait()
             if self.stopping:
                 return None
-            if self.frozen:
-                how, self.frozen = f"{how}, killed because {self.frozen}", None
+            if self.killed_because:
+                how, self.killed_because = f"{how}, killed because {self.killed_because}", None
             for name, replica in self.runner.members:
                 self.head.set_state(name, replica, "exited")
             what = f"server '{self.runner.label}' exited"
@@ -151,6 +155,15 @@ class Supervisor:
         self.stopping = True
         await self.runner.stop(grace_s)
 
+    def kill(self, why: str) -> None:
+        """End the runner's current life now; it is restarted like a crash (per policy), `why` in the report."""
+        self.killed_because = why
+        self.runner.kill()
+
+    def _liveness_targets(self) -> list[dict]:
+        own = getattr(self.runner, "liveness_targets", None)
+        return own() if own is not None else [self.head.servers[m] for m in self.runner.members]
+
     async def _watch_liveness(self) -> None:
         """Probe every member's /health while it is ready; kill the runner when one stops answering.
 
@@ -161,9 +174,9 @@ class Supervisor:
         killed: set = set()
         while True:
             await asyncio.sleep(liveness.interval_s)
-            entries = [self.head.servers[m] for m in self.runner.members]
-            live = [e for e in entries if e["state"] == "ready" and e["url"] and e["pid"] not in killed]
-            results = await asyncio.gather(*(self.probe(e["url"], liveness.timeout_s) for e in live))
+            live = [e for e in self._liveness_targets() if e["state"] == "ready" and e["url"] and e["pid"] not in killed]
+            results = await asyncio.gather(*(self.probe(e["url"], liveness.timeout_s, e["probe_path"])
+                                             for e in live))
             for entry, why in zip(live, results):
                 key = (entry["name"], entry["replica"], entry["pid"])
                 if why is None:
@@ -172,7 +185,7 @@ class Supervisor:
                 failed[key] = failed.get(key, 0) + 1
                 if failed[key] >= liveness.failures and not self.stopping and entry["pid"] not in killed:
                     killed.add(entry["pid"])
-                    self.frozen = (f"'{entry['name']}' stopped answering /health ({failed[key]} probes in a row: {why})")
-                    self.say(f"ng_run: server '{self.runner.label}' (pid {entry['pid']}) is not answering: {self.frozen}; "
+                    frozen = f"'{entry['name']}' stopped answering {entry['probe_path']} ({failed[key]} probes in a row: {why})"
+                    self.say(f"ng_run: server '{self.runner.label}' (pid {entry['pid']}) is not answering: {frozen}; "
                              f"killing it")
-                    self.runner.kill()
+                    self.kill(frozen)

@@ -280,13 +280,13 @@ class ServerClient:
                     for task in list(replica.calls):
                         task.cancel()
 
-    async def health_problem(self, url: str, timeout_s: float) -> str | None:
-        """Liveness of a server of the graph (also ng_run's supervisor's probe): None if `GET url/health`
+    async def health_problem(self, url: str, timeout_s: float, path: str = "/health") -> str | None:
+        """Liveness of a server of the graph (also ng_run's supervisor's probe): None if `GET url+path`
         answers within timeout_s, else why not. Any answer below 500 is alive: NeMo Gym's servers
         have no /health (a 404), and liveness is about answering at all."""
         try:
             async with asyncio.timeout(timeout_s):
-                status = await self.health_status(url + "/health", timeout_s)
+                status = await self.health_status(url + path, timeout_s)
         except TimeoutError:
             return f"no answer within {timeout_s:g} s"
         except Exception as e:  # noqa: BLE001 - refused, reset, malformed: all "not answering"
