@@ -139,7 +139,7 @@ class Launcher:
                                         on_started=self.graph_state.child_started, on_restarted=self._nemo_servers_rejoin)
         self._supervise(ray_head, RestartPolicy.from_config(self.config))  # its supervisor starts it
         await ray_head.wait_serving()
-        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.url, ray_head.address)
+        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.host_and_port, ray_head.address)
         for spec in self.nemo_specs:
             policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
             self._supervise(nemo_runtime.NemoGymProcess(spec, self.config, dict_yaml, self.head, self.secrets,

@@ -65,7 +65,7 @@ def assign_fixed_ports(config: dict, specs: dict[str, ServerSpec]) -> None:
     `nemo_gym.port_range`, written into its instance config: ours bind it, NeMo Gym's read it.
     (Replicated servers of ours keep binding any port: no NeMo Gym server may call them.)"""
     low, high = (int(p) for p in _nemo_settings(config)["port_range"])
-    default_host = str(config.get("default_host") or "127.0.0.1")
+    default_host = str(config["default_host"])  # conf/base.yaml
     taken = {head_address(config)[1]} | {int(s.config["port"]) for s in specs.values() if s.config.get("port")}
     for spec in specs.values():
         if spec.replicas != 1 or spec.config.get("port"):
@@ -90,10 +90,10 @@ def _free_port_in(host: str, low: int, high: int, taken: set[int]) -> int:
     raise RuntimeError(f"no free port in nemo_gym.port_range [{low}, {high}] on {host} after {PORT_TRIES} tries")
 
 
-def config_dict_yaml(config: dict, head_url: str, ray_address: str) -> str:
-    """NEMO_GYM_CONFIG_DICT: the resolved config with head_server, dry_run and the Ray address."""
-    host, port = head_url.removeprefix("http://").rsplit(":", 1)
-    data = {**config, "head_server": {"host": host, "port": int(port)}, "dry_run": bool(config.get("dry_run", False)),
+def config_dict_yaml(config: dict, head: tuple[str, int], ray_address: str) -> str:
+    """NEMO_GYM_CONFIG_DICT: the resolved config with head_server (host, port), dry_run and the Ray address."""
+    host, port = head
+    data = {**config, "head_server": {"host": host, "port": port}, "dry_run": bool(config.get("dry_run", False)),
             "ray_head_node_address": ray_address}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
