@@ -32,15 +32,30 @@ def weather_graph(graph, standins, **kwargs):
     return graph([VLLM_MODEL, WEATHER], env=weather_env(standins(2, "--latency-ms", "20")), **kwargs)
 
 
+def entry_of(g, name: str, replica: int) -> dict:
+    [entry] = [s for s in g.servers() if s["name"] == name and s["replica"] == replica]
+    return entry
+
+
 def failures_of(out: Path) -> list[dict]:
     path = out.with_name(out.stem + "_failures.jsonl")
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("frozen", ["policy_model", WEATHER_AGENT])
-def test_a_server_frozen_for_good_is_killed_and_restarted_and_the_run_completes(graph, standins, tmp_path, frozen):
-    g = weather_graph(graph, standins)
-    pid = by_name(g)[frozen]["pid"]
+REPLICA = "++policy_model.responses_api_models.vllm_model.replicas=2"
+
+
+@pytest.mark.parametrize("frozen, replica, colocate, args", [
+    ("policy_model", 0, False, []),
+    (WEATHER_AGENT, 0, False, []),
+    ("policy_model", 1, False, [REPLICA]),  # one of two local replicas; the other serves on
+    ("policy_model", 0, True, []),  # the one process hosting every server
+], ids=["adapter", "agent", "adapter_replica", "colocated_host"])
+def test_a_server_frozen_for_good_is_killed_and_restarted_and_the_run_completes(graph, standins, tmp_path, frozen, replica,
+                                                                               colocate, args):
+    g = weather_graph(graph, standins, args=args, colocate=colocate)
+    label = "colocated" if g.colocate else f"{frozen}#{replica}" if args else frozen  # how ng_run names the process
+    pid = entry_of(g, frozen, replica)["pid"]
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
     try:  # SIGSTOPped for good: only the kill ends it
@@ -54,11 +69,16 @@ def test_a_server_frozen_for_good_is_killed_and_restarted_and_the_run_completes(
     rows = read_lines(out)
     assert sorted(r["_ng_task_index"] for r in rows) == list(range(ROWS))  # nothing lost, nothing twice, no resume
     assert took < 60, f"{took:.1f} s from the freeze to the end of the run"
-    entry = by_name(g)[frozen]
+    entry = entry_of(g, frozen, replica)
     assert entry["restarts"] == 1 and entry["pid"] != pid and entry["state"] == "ready"
-    assert f"'{frozen}' stopped answering /health" in g.output(), g.output()
+    assert f"server '{label}' (pid {pid}) is not answering" in g.output(), g.output()
+    if g.colocate:  # every server lived in the frozen process: all came back in the new one
+        assert {s["pid"] for s in g.servers()} == {entry["pid"]}
+    if replica:  # only the frozen replica was replaced
+        [other] = [s for s in g.servers() if s["name"] == frozen and s["replica"] != replica]
+        assert other["restarts"] == 0
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    print(f"\n{frozen} frozen for good: {ROWS}/{ROWS} written, {took:.1f} s from the freeze to the end")
+    print(f"\n{label} frozen for good: {ROWS}/{ROWS} written, {took:.1f} s from the freeze to the end")
 
 
 def test_ng_run_killed_mid_collection_costs_no_attempts_and_resume_completes_the_set(graph, standins, tmp_path):
