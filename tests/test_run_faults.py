@@ -12,8 +12,8 @@ import subprocess
 import psutil
 import pytest
 
-from nemo_gym_cli.testing.harness import (VLLM_MODEL, WEATHER, http_json, run_cli, script, start_process, stop_process,
-                                          wait_until, weather_env)
+from nemo_gym_cli.testing.harness import (VLLM_MODEL, WEATHER, http_get, http_json, metric_total, run_cli, script, start_process,
+                                          stop_process, wait_until, weather_env)
 from nemo_gym_cli.testing.harness.scenarios import AGENT, collect, read_lines, write_rows
 from rawhttp import RawServer, response
 
@@ -22,6 +22,11 @@ MODEL = "++policy_model.responses_api_models.vllm_model"
 
 def pairs(path) -> list[tuple[int, int]]:
     return [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in read_lines(path)]
+
+
+def bad_runs(agent_url: str) -> float:
+    """/run calls the agent answered 400 (its own count, from its /metrics)."""
+    return metric_total(http_get(agent_url + "/metrics").decode(), "ng_server_requests_total", route="/run", status="400")
 
 
 def collections(g) -> dict[str, dict]:
@@ -91,6 +96,17 @@ def test_rows_of_the_wrong_shape_are_400s_naming_the_field_and_never_retried(sta
         assert "Error:" not in f["error"] and "Traceback" not in f["error"]  # no Python exception shown
     assert json.loads((tmp_path / "out_metrics.json").read_text())["retries"] == 0
     assert backend.stats()["requests"] == 4  # the 2 good rows' 2 turns each: no bad row reached the model
+
+    # A 400 is final on resume too: it has attempts left, but it is carried over, never sent again.
+    agent = g.url(AGENT.split("=", 1)[1])
+    sent_before = bad_runs(agent)
+    assert sent_before == len(bad)
+    resumed = collect(g, "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl", "+resume=true", "+max_attempts=3")
+    assert resumed.returncode == 1, resumed.stderr
+    assert bad_runs(agent) == sent_before, "resume sent a row whose 400 was final"
+    again = {f["_ng_task_index"]: f for f in read_lines(tmp_path / "out_failures.jsonl")}
+    assert again == failures  # the same records: 1 attempt, 1 reason each
+    assert sorted(t for t, _ in pairs(tmp_path / "out.jsonl")) == [0, 6]
     status, body = http_json(g.url(AGENT.split("=", 1)[1]) + "/v1/responses", {"input": 42})
     assert status == 400 and "'input'" in body["error"]["message"]
 
