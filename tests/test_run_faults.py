@@ -73,6 +73,42 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(standins, gra
     assert sorted(pairs(out)) == [(i, 0) for i in range(60)]  # exact: none twice, none missing
 
 
+def test_failures_that_fill_the_disk_stop_the_run_cleanly_and_resume_sends_each_row_once(standins, graph, tmp_path,
+                                                                                          tiny_disk):
+    g = graph([VLLM_MODEL, WEATHER], env=weather_env(standins(1)))
+    good, bad = 10, 250  # the good rows first, then rows the agent refuses (400): their records fill the disk
+    write_rows(tmp_path / "good.jsonl", good)
+    rows = read_lines(tmp_path / "good.jsonl") + [{"responses_create_params": {"input": 42}}] * bad
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tiny_disk / "out.jsonl"
+    failures_path = tiny_disk / "out_failures.jsonl"
+    # One at a time: every good row is written before the first failure, so the failures file is what fills.
+    args = ["+input_jsonl_fpath=in.jsonl", f"+output_jsonl_fpath={out}", "+concurrency=1"]
+    full = collect(g, *args)
+    assert full.returncode == 74, full.stderr
+    assert "Traceback" not in full.stderr
+    [line] = [ln for ln in full.stderr.splitlines() if "stopped:" in ln]
+    assert f"cannot write {failures_path}: No space left on device" in line, line
+    assert f"{good} rollouts written" in line and "+resume=true" in line, line
+    assert pairs(out) == [(i, 0) for i in range(good)]  # whole lines only, in both files (read_lines checks)
+    recorded = read_lines(failures_path)
+    assert 0 < len(recorded) < bad and f"{len(recorded)} failures recorded" in line
+    assert all(f["status"] == 400 and f["attempts"] == 1 for f in recorded)
+    agent = g.url(AGENT.split("=", 1)[1])
+    assert bad_runs(agent) == len(recorded) + 1  # the refused row whose record did not fit: resume runs it
+    print(f"\nfailures fill the disk: stopped after {good} rollouts and {len(recorded)} of {bad} failures, exit 74")
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)  # space freed
+    resumed = collect(g, *args, "+resume=true")
+    assert resumed.returncode == 1, resumed.stderr  # the bad rows stay failed
+    assert pairs(out) == [(i, 0) for i in range(good)]  # exact: none twice, none missing
+    final = read_lines(failures_path)
+    assert sorted(f["_ng_task_index"] for f in final) == list(range(good, good + bad))
+    assert all(f["status"] == 400 and f["attempts"] == 1 and len(f["reasons"]) == 1 for f in final)
+    # Each bad row reached the agent once over both runs, but the one whose record did not fit (it ran again).
+    assert bad_runs(agent) == bad + 1
+
+
 def test_rows_of_the_wrong_shape_are_400s_naming_the_field_and_never_retried(standins, graph, tmp_path):
     [backend] = standins(1)
     g = graph([VLLM_MODEL, WEATHER], env=weather_env([backend]))
