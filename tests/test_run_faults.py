@@ -15,7 +15,7 @@ import pytest
 from nemo_gym_cli.testing.harness import (VLLM_MODEL, WEATHER, http_get, http_json, metric_total, run_cli, script, start_process,
                                           stop_process, wait_until, weather_env)
 from nemo_gym_cli.testing.harness.scenarios import AGENT, collect, read_lines, write_rows
-from rawhttp import RawServer, response
+from nemo_gym_cli.testing.harness.rawhttp import RawServer, response
 
 MODEL = "++policy_model.responses_api_models.vllm_model"
 
