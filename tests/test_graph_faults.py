@@ -59,7 +59,7 @@ def test_a_server_frozen_for_good_is_killed_and_restarted_and_the_run_completes(
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
     try:  # SIGSTOPped for good: only the kill ends it
-        code, output, took = collect_through_fault(g, out, ROWS, lambda: os.kill(pid, signal.SIGSTOP), "+concurrency=30")
+        code, output, took = collect_through_fault(g, out, ROWS, lambda _: os.kill(pid, signal.SIGSTOP), "+concurrency=30")
     finally:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -86,7 +86,7 @@ def test_ng_run_killed_mid_collection_costs_no_attempts_and_resume_completes_the
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
     # ng_run only: its children follow it.
-    code, output, took = collect_through_fault(g, out, ROWS, lambda: os.kill(g.proc.pid, signal.SIGKILL),
+    code, output, took = collect_through_fault(g, out, ROWS, lambda _: os.kill(g.proc.pid, signal.SIGKILL),
                                                "+concurrency=30", "+graph_wait_s=5")
     assert code == EXIT_GRAPH_GONE, output
     assert "ng_run's graph at" in output and "did not come back within 5 s" in output and "+resume=true" in output, output
@@ -112,7 +112,7 @@ def test_ng_run_back_within_graph_wait_s_the_same_run_completes(graph, standins,
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
 
-    def kill_and_restart() -> None:
+    def kill_and_restart(_) -> None:
         os.kill(g.proc.pid, signal.SIGKILL)
         g.proc.wait(10)
         weather_graph(graph, standins, head_port=g.head_port)

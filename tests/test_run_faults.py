@@ -1,21 +1,21 @@
-"""Faults of the run itself (issue 20), on real processes: the output's disk fills, rows the
-agent cannot take, two collectors on one output, a killed collector's progress entry, and a
-backend that answers 200 with tens of MB of garbage while its /health is fine."""
+"""Faults of the run itself (issue 20), on real processes: the disk fills (by the output or by
+the failures file), rows the agent cannot take, two collectors on one output, a killed
+collector's progress entry, and a backend that answers 200 with tens of MB of garbage while its
+/health is fine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
-import subprocess
 
 import psutil
 import pytest
 
 from nemo_gym_cli.testing.harness import (VLLM_MODEL, WEATHER, http_get, http_json, metric_total, run_cli, script, start_process,
                                           stop_process, wait_until, weather_env)
-from nemo_gym_cli.testing.harness.scenarios import AGENT, collect, read_lines, write_rows
-from nemo_gym_cli.testing.harness.rawhttp import RawServer, response
+from nemo_gym_cli.testing.harness.scenarios import AGENT, collect, read_lines, resize_tmpfs, tmpfs, write_rows
+from nemo_gym_cli.testing.harness.scenarios import garbage_backend as garbage_server
 
 MODEL = "++policy_model.responses_api_models.vllm_model"
 
@@ -36,17 +36,12 @@ def collections(g) -> dict[str, dict]:
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 64 KiB tmpfs (about 20 weather rollouts), unmounted afterwards; needs root."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs for the full-disk test needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            disk = stack.enter_context(tmpfs(tmp_path / "disk", "64k"))
+        except OSError as e:
+            pytest.skip(f"the full-disk test: {e}")
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(standins, graph, tmp_path, tiny_disk):
@@ -67,7 +62,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(standins, gra
     shown = run_cli("ng_status", [f"+head_server.port={g.head_port}"], cwd=tmp_path).stdout
     assert "failed: cannot write" in shown
 
-    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)  # space freed
+    assert resize_tmpfs(tiny_disk, "16m")  # space freed
     resumed = collect(g, *args, "+resume=true")
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(pairs(out)) == [(i, 0) for i in range(60)]  # exact: none twice, none missing
@@ -98,7 +93,7 @@ def test_failures_that_fill_the_disk_stop_the_run_cleanly_and_resume_sends_each_
     assert bad_runs(agent) == len(recorded) + 1  # the refused row whose record did not fit: resume runs it
     print(f"\nfailures fill the disk: stopped after {good} rollouts and {len(recorded)} of {bad} failures, exit 74")
 
-    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)  # space freed
+    assert resize_tmpfs(tiny_disk, "16m")  # space freed
     resumed = collect(g, *args, "+resume=true")
     assert resumed.returncode == 1, resumed.stderr  # the bad rows stay failed
     assert pairs(out) == [(i, 0) for i in range(good)]  # exact: none twice, none missing
@@ -180,27 +175,13 @@ def test_one_collector_per_output_even_with_resume_and_after_sigkill(standins, g
     assert "lost: no progress report" in run_cli("ng_status", [f"+head_server.port={g.head_port}"], cwd=tmp_path).stdout
 
 
-GOOD = {"id": "c1", "object": "chat.completion", "created": 0, "model": "standin-model",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "sunny"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 GARBAGE_BYTES = 40 * 1024 * 1024  # over max_answer_bytes (32 MiB)
 
 
 @pytest.fixture
 def garbage_backend():
     """A "vLLM" whose /health is fine and whose chat completions are 40 MB of garbage until `good` is set."""
-    garbage = response(200, b"\x8b" * GARBAGE_BYTES)
-    state = {"good": False}
-
-    def answer(method, path, headers, body):
-        if path == "/health":
-            return response(200, b"")
-        if path.endswith("/chat/completions"):
-            return response(200, json.dumps(GOOD).encode()) if state["good"] else garbage
-        return response(404, b"{}")
-
-    server = RawServer(answer)
-    server.state = state
+    server = garbage_server(GARBAGE_BYTES)
     yield server
     server.close()
 
