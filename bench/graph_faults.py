@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,10 +32,9 @@ import psutil
 from rich.table import Table
 
 from bench import common as C
-from nemo_gym_cli.graph.leftovers import PREFIX
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, Graph, StandIn, http_json, wait_until, weather_env
-from nemo_gym_cli.testing.harness.scenarios import (by_name, collect, collect_through_fault, garbage_backend, read_lines,
-                                                    resize_tmpfs, tmpfs, write_rows)
+from nemo_gym_cli.testing.harness.scenarios import (by_name, collect, collect_in_background, collect_through_fault,
+                                                    garbage_backend, read_lines, resize_tmpfs, tmpfs, write_rows)
 
 NAME = "graph_faults"
 SECRET = "sk-BENCH-GRAPH-FAULTS-0123456789"  # the graph's policy_api_key: it must never be left on disk
@@ -65,13 +63,18 @@ class Bench:
         self.args, self.work = args, work
         self.standins = [StandIn(work, "--latency-ms", f"{args.latency_ms:g}") for _ in range(args.standins)]
         self.graphs: list[Graph] = []
+        # ng_run's state folders (leftovers.py) go here, not to /tmp: another ng_run on this machine
+        # (any version) would otherwise find this bench's killed graphs and end (or lose) what they left.
+        self.tmp = work / "tmp"
+        self.tmp.mkdir()
         self.out = work / "out.jsonl"
         self.failures_path = work / "out_failures.jsonl"
         write_rows(work / "in.jsonl", args.rollouts)
 
     def graph(self, *extra_args: str, backends: list[str] | None = None, head_port: int | None = None) -> Graph:
         env = {**weather_env(backends or self.standins), "policy_api_key": SECRET}
-        g = Graph(self.work, [VLLM_MODEL, WEATHER], env, extra_args, head_port=head_port)
+        g = Graph(self.work, [VLLM_MODEL, WEATHER], env, extra_args, head_port=head_port,
+                  process_env={**os.environ, "TMPDIR": str(self.tmp)})
         self.graphs.append(g)
         return g
 
@@ -130,9 +133,9 @@ def output_pairs(out: Path) -> tuple[int, list[tuple[int, int]]]:
 
 
 def stop_line(output: str) -> str:
-    """The collector's closing message (what it says when it stops early), shortened."""
+    """The collector's closing message (what it says when it stops early)."""
     lines = [ln for ln in output.splitlines() if "stopped:" in ln or "ng_collect_rollouts:" in ln or "interrupted" in ln]
-    return lines[-1][:160] if lines else ""
+    return lines[-1] if lines else ""
 
 
 def traceback_in(output: str) -> str:
@@ -182,15 +185,9 @@ def frozen_for_good(victim: str, what: str) -> Callable[[Bench], Row]:
 
 
 def secret_on_disk(work: Path) -> list[str]:
-    """Files holding the graph's API key: ng_run's state folders, and the run's folder (but env.yaml)."""
-    places = [*Path(tempfile.gettempdir()).glob(PREFIX + "*"), work]
-    found = []
-    for place in places:
-        for path in place.rglob("*") if place.is_dir() else []:
-            if path.is_file() and path.name != "env.yaml" and path.stat().st_size < 64 << 20 \
-                    and SECRET.encode() in path.read_bytes():
-                found.append(str(path))
-    return found
+    """Files holding the graph's API key in the run's folder (ng_run's TMPDIR is in it), but env.yaml."""
+    return [str(path) for path in work.rglob("*") if path.is_file() and path.name != "env.yaml"
+            and path.stat().st_size < 64 << 20 and SECRET.encode() in path.read_bytes()]
 
 
 def alive(proc: psutil.Process) -> bool:
@@ -218,13 +215,10 @@ def ng_run_killed(freeze_child: bool) -> Callable[[Bench], Row]:
         written, _ = output_pairs(b.out)
         failed = len(lines_of(b.failures_path))
         secrets = secret_on_disk(b.work)
-        # Any ng_run started on this machine ends a dead graph's leftovers: another one may come first.
-        gone_before = not alive(child)
         g2 = b.graph(head_port=g.head_port)
         resumed = b.resume(g2)
-        ours = f"'simple_weather' (pid {child.pid}, stopped" in g2.output()
-        ender = "NO" if alive(child) else "yes, ours" if ours else "yes, another ng_run on this machine" if gone_before \
-            else "yes, by whom not known"
+        said = f"'simple_weather' (pid {child.pid}, stopped" in g2.output()
+        ender = "yes, and said so" if said and not alive(child) else "NO"
         what = "ng_run SIGKILLed" + (" while simple_weather is SIGSTOPped" if freeze_child else "") + ", restarted, resumed"
         row = b.tally(Row(what))
         row.failures = f"{failed} at the kill, {row.failures} after resume"
@@ -270,7 +264,7 @@ def full_disk(b: Bench) -> Row:
         row.time = (f"stopped {took:.1f} s after the disk was cut to {cut_to[0] if cut_to else '?'} KiB; resume: exit "
                     f"{done.returncode}, {resume_s:.1f} s")
         row.notes = (f"exit {code} at {stopped_at} written, whole lines: {'yes' if whole else 'NO'}, {traceback_in(output)}; "
-                     f"its entry: {entry.get('state')}; \"{b.short(stop_line(output))}\"")
+                     f"its entry: {entry.get('state')}; \"{b.short(stop_line(output))[:200]}\"")
         row.details.update(entry=entry, message=stop_line(output))
         return row
 
@@ -327,19 +321,25 @@ def sigint(b: Bench) -> Row:
 
 def two_collectors(b: Bench) -> Row:
     g = b.graph()
-    second: list = []
-
-    def fault(first):
-        second.append(b.collect(g, "+resume=true"))
-        second.append(first.poll() is None)
-
-    code, _, _ = b.through_fault(g, fault, "+resume=true")
-    (done, took), first_running = second
-    said = next((ln for ln in done.stderr.splitlines() if "ng_collect_rollouts:" in ln), "")
-    row = b.tally(Row("two collectors on one output, both +resume=true"))
-    row.time = f"second refused in {took:.1f} s (exit {done.returncode}); the first ended with exit {code}"
-    row.notes = (f"the first still running when the second ended: {'yes' if first_running else 'no'}; "
-                 f"\"{b.short(said)[:150]}\"")
+    args = ("+resume=true", f"+concurrency={b.args.concurrency}")
+    t0 = time.monotonic()
+    both = [collect_in_background(g, b.out, *args) for _ in range(2)]  # started together: one must lose
+    ended = []
+    try:
+        for proc in both:
+            out, _ = proc.communicate(timeout=900)
+            ended.append((proc.returncode, time.monotonic() - t0, out))
+    finally:
+        for proc in both:
+            if proc.poll() is None:
+                proc.kill()
+    codes = sorted(code for code, _, _ in ended)
+    refused = [(took, out) for code, took, out in ended if code == 2]
+    said = next((ln for ln in refused[0][1].splitlines() if "ng_collect_rollouts:" in ln), "") if refused else ""
+    row = b.tally(Row("two collectors on one output, both +resume=true, started together"))
+    row.time = (f"one refused {refused[0][0]:.1f} s after the start; " if refused else "") + \
+        f"the other done in {max(took for _, took, _ in ended):.1f} s"
+    row.notes = f"exit codes {codes}; \"{b.short(said)[:150]}\""
     return row
 
 
