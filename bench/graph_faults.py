@@ -324,11 +324,18 @@ def two_collectors(b: Bench) -> Row:
     args = ("+resume=true", f"+concurrency={b.args.concurrency}")
     t0 = time.monotonic()
     both = [collect_in_background(g, b.out, *args) for _ in range(2)]  # started together: one must lose
-    ended = []
+    ended: list[tuple[int, float, str]] = []
+
+    def wait(proc) -> None:  # each in its own thread: when each one ended
+        out, _ = proc.communicate(timeout=900)
+        ended.append((proc.returncode, time.monotonic() - t0, out))
+
+    waiters = [threading.Thread(target=wait, args=(proc,)) for proc in both]
     try:
-        for proc in both:
-            out, _ = proc.communicate(timeout=900)
-            ended.append((proc.returncode, time.monotonic() - t0, out))
+        for w in waiters:
+            w.start()
+        for w in waiters:
+            w.join()
     finally:
         for proc in both:
             if proc.poll() is None:
