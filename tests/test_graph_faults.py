@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -146,8 +145,8 @@ def test_the_in_process_api_raises_graph_gone_and_reports_nothing_it_did_not_run
     assert refused == []
 
 
-def _graph_folder(pid: int) -> Path | None:
-    for folder in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+def _graph_folder(pid: int, tmp: Path) -> Path | None:
+    for folder in tmp.glob(PREFIX + "*"):
         try:
             if orjson.loads((folder / STATE_FILE).read_bytes())["ng_run"]["pid"] == pid:
                 return folder
@@ -157,8 +156,13 @@ def _graph_folder(pid: int) -> Path | None:
 
 
 def test_the_next_ng_run_ends_a_frozen_child_a_killed_ng_run_left_and_no_secret_is_on_disk(graph, tmp_path):
-    g = start_pair(graph, tmp_path, "processes")
-    folder = _graph_folder(g.proc.pid)
+    # The state folders in a TMPDIR of this test's own: any other ng_run on the machine would end
+    # (or, an older or newer ng_run, drop) the killed graph's leftovers before ours could.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    g = start_pair(graph, tmp_path, "processes", process_env=env)
+    folder = _graph_folder(g.proc.pid, tmp)
     assert folder is not None
     for path in folder.rglob("*"):  # the config reached the children through a pipe
         assert SECRET not in path.read_text(errors="replace"), path
@@ -171,14 +175,14 @@ def test_the_next_ng_run_ends_a_frozen_child_a_killed_ng_run_left_and_no_secret_
     # The stopped child keeps its SIGTERM pending: it outlives ng_run, holding its port.
     assert echo.is_running() and echo.status() == psutil.STATUS_STOPPED
 
-    g2 = start_pair(graph, tmp_path, "processes")
+    g2 = start_pair(graph, tmp_path, "processes", process_env=env)
     out = g2.output()
     assert f"left by an earlier ng_run (pid {g.proc.pid}, no longer running)" in out, out
     assert f"'echo' (pid {echo.pid}, stopped, holding port {port})" in out, out
     wait_until(lambda: not echo.is_running() or echo.status() == psutil.STATUS_ZOMBIE, 10, "the leftover echo ended")
     assert not folder.exists()
     g2.stop()
-    assert _graph_folder(g2.proc.pid) is None  # a clean stop removes the graph's folder
+    assert _graph_folder(g2.proc.pid, tmp) is None  # a clean stop removes the graph's folder
 
 
 def test_a_call_to_a_frozen_server_is_cut_off_in_seconds_while_a_long_call_of_a_live_one_finishes(graph, tmp_path):
