@@ -85,9 +85,9 @@ class Bench:
                        f"+concurrency={self.args.concurrency}", *args, timeout=900)
         return done, time.monotonic() - t0
 
-    def through_fault(self, g: Graph, fault: Callable, *args: str, total: int | None = None):
+    def through_fault(self, g: Graph, fault: Callable, *args: str):
         """Collect, `fault(collector)` once a quarter is written: (exit code, output, seconds from fault to end)."""
-        return collect_through_fault(g, self.out, total or self.args.rollouts, fault,
+        return collect_through_fault(g, self.out, self.args.rollouts, fault,
                                      f"+concurrency={self.args.concurrency}", *args, timeout=900)
 
     def resume(self, g: Graph) -> str:
