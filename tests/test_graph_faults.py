@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,19 +31,34 @@ def weather_graph(graph, standins, **kwargs):
     return graph([VLLM_MODEL, WEATHER], env=weather_env(standins(2, "--latency-ms", "20")), **kwargs)
 
 
+def entry_of(g, name: str, replica: int) -> dict:
+    [entry] = [s for s in g.servers() if s["name"] == name and s["replica"] == replica]
+    return entry
+
+
 def failures_of(out: Path) -> list[dict]:
     path = out.with_name(out.stem + "_failures.jsonl")
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("frozen", ["policy_model", WEATHER_AGENT])
-def test_a_server_frozen_for_good_is_killed_and_restarted_and_the_run_completes(graph, standins, tmp_path, frozen):
-    g = weather_graph(graph, standins)
-    pid = by_name(g)[frozen]["pid"]
+REPLICA = "++policy_model.responses_api_models.vllm_model.replicas=2"
+
+
+@pytest.mark.parametrize("frozen, replica, colocate, args", [
+    ("policy_model", 0, False, []),
+    (WEATHER_AGENT, 0, False, []),
+    ("policy_model", 1, False, [REPLICA]),  # one of two local replicas; the other serves on
+    ("policy_model", 0, True, []),  # the one process hosting every server
+], ids=["adapter", "agent", "adapter_replica", "colocated_host"])
+def test_a_server_frozen_for_good_is_killed_and_restarted_and_the_run_completes(graph, standins, tmp_path, frozen, replica,
+                                                                               colocate, args):
+    g = weather_graph(graph, standins, args=args, colocate=colocate)
+    label = "colocated" if g.colocate else f"{frozen}#{replica}" if args else frozen  # how ng_run names the process
+    pid = entry_of(g, frozen, replica)["pid"]
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
     try:  # SIGSTOPped for good: only the kill ends it
-        code, output, took = collect_through_fault(g, out, ROWS, lambda: os.kill(pid, signal.SIGSTOP), "+concurrency=30")
+        code, output, took = collect_through_fault(g, out, ROWS, lambda _: os.kill(pid, signal.SIGSTOP), "+concurrency=30")
     finally:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -54,11 +68,16 @@ def test_a_server_frozen_for_good_is_killed_and_restarted_and_the_run_completes(
     rows = read_lines(out)
     assert sorted(r["_ng_task_index"] for r in rows) == list(range(ROWS))  # nothing lost, nothing twice, no resume
     assert took < 60, f"{took:.1f} s from the freeze to the end of the run"
-    entry = by_name(g)[frozen]
+    entry = entry_of(g, frozen, replica)
     assert entry["restarts"] == 1 and entry["pid"] != pid and entry["state"] == "ready"
-    assert f"'{frozen}' stopped answering /health" in g.output(), g.output()
+    assert f"server '{label}' (pid {pid}) is not answering" in g.output(), g.output()
+    if g.colocate:  # every server lived in the frozen process: all came back in the new one
+        assert {s["pid"] for s in g.servers()} == {entry["pid"]}
+    if replica:  # only the frozen replica was replaced
+        [other] = [s for s in g.servers() if s["name"] == frozen and s["replica"] != replica]
+        assert other["restarts"] == 0
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    print(f"\n{frozen} frozen for good: {ROWS}/{ROWS} written, {took:.1f} s from the freeze to the end")
+    print(f"\n{label} frozen for good: {ROWS}/{ROWS} written, {took:.1f} s from the freeze to the end")
 
 
 def test_ng_run_killed_mid_collection_costs_no_attempts_and_resume_completes_the_set(graph, standins, tmp_path):
@@ -66,7 +85,7 @@ def test_ng_run_killed_mid_collection_costs_no_attempts_and_resume_completes_the
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
     # ng_run only: its children follow it.
-    code, output, took = collect_through_fault(g, out, ROWS, lambda: os.kill(g.proc.pid, signal.SIGKILL),
+    code, output, took = collect_through_fault(g, out, ROWS, lambda _: os.kill(g.proc.pid, signal.SIGKILL),
                                                "+concurrency=30", "+graph_wait_s=5")
     assert code == EXIT_GRAPH_GONE, output
     assert "ng_run's graph at" in output and "did not come back within 5 s" in output and "+resume=true" in output, output
@@ -92,7 +111,7 @@ def test_ng_run_back_within_graph_wait_s_the_same_run_completes(graph, standins,
     write_rows(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
 
-    def kill_and_restart() -> None:
+    def kill_and_restart(_) -> None:
         os.kill(g.proc.pid, signal.SIGKILL)
         g.proc.wait(10)
         weather_graph(graph, standins, head_port=g.head_port)
@@ -126,8 +145,8 @@ def test_the_in_process_api_raises_graph_gone_and_reports_nothing_it_did_not_run
     assert refused == []
 
 
-def _graph_folder(pid: int) -> Path | None:
-    for folder in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+def _graph_folder(pid: int, tmp: Path) -> Path | None:
+    for folder in tmp.glob(PREFIX + "*"):
         try:
             if orjson.loads((folder / STATE_FILE).read_bytes())["ng_run"]["pid"] == pid:
                 return folder
@@ -137,8 +156,13 @@ def _graph_folder(pid: int) -> Path | None:
 
 
 def test_the_next_ng_run_ends_a_frozen_child_a_killed_ng_run_left_and_no_secret_is_on_disk(graph, tmp_path):
-    g = start_pair(graph, tmp_path, "processes")
-    folder = _graph_folder(g.proc.pid)
+    # The state folders in a TMPDIR of this test's own: any other ng_run on the machine would end
+    # (or, an older or newer ng_run, drop) the killed graph's leftovers before ours could.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    g = start_pair(graph, tmp_path, "processes", process_env=env)
+    folder = _graph_folder(g.proc.pid, tmp)
     assert folder is not None
     for path in folder.rglob("*"):  # the config reached the children through a pipe
         assert SECRET not in path.read_text(errors="replace"), path
@@ -151,14 +175,14 @@ def test_the_next_ng_run_ends_a_frozen_child_a_killed_ng_run_left_and_no_secret_
     # The stopped child keeps its SIGTERM pending: it outlives ng_run, holding its port.
     assert echo.is_running() and echo.status() == psutil.STATUS_STOPPED
 
-    g2 = start_pair(graph, tmp_path, "processes")
+    g2 = start_pair(graph, tmp_path, "processes", process_env=env)
     out = g2.output()
     assert f"left by an earlier ng_run (pid {g.proc.pid}, no longer running)" in out, out
     assert f"'echo' (pid {echo.pid}, stopped, holding port {port})" in out, out
     wait_until(lambda: not echo.is_running() or echo.status() == psutil.STATUS_ZOMBIE, 10, "the leftover echo ended")
     assert not folder.exists()
     g2.stop()
-    assert _graph_folder(g2.proc.pid) is None  # a clean stop removes the graph's folder
+    assert _graph_folder(g2.proc.pid, tmp) is None  # a clean stop removes the graph's folder
 
 
 def test_a_call_to_a_frozen_server_is_cut_off_in_seconds_while_a_long_call_of_a_live_one_finishes(graph, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from nemo_gym_cli.serving.http11 import InvalidRequest, LeanHTTP, NotSent, ProtocolError
 from nemo_gym_cli.testing.harness import wait_until_async
-from rawhttp import RawServer, response
+from nemo_gym_cli.testing.harness.rawhttp import RawServer, response
 
 OK = response(200, b'{"ok": true}')
 

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from nemo_gym_cli.testing.harness import VLLM_MODEL, http_json
-from rawhttp import RawServer, response
+from nemo_gym_cli.testing.harness.rawhttp import RawServer, response
 
 GOOD = {"id": "c1", "object": "chat.completion", "created": 0, "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],

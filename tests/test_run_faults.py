@@ -1,27 +1,32 @@
-"""Faults of the run itself (issue 20), on real processes: the output's disk fills, rows the
-agent cannot take, two collectors on one output, a killed collector's progress entry, and a
-backend that answers 200 with tens of MB of garbage while its /health is fine."""
+"""Faults of the run itself (issue 20), on real processes: the disk fills (by the output or by
+the failures file), rows the agent cannot take, two collectors on one output, a killed
+collector's progress entry, and a backend that answers 200 with tens of MB of garbage while its
+/health is fine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
-import subprocess
 
 import psutil
 import pytest
 
-from nemo_gym_cli.testing.harness import (VLLM_MODEL, WEATHER, http_json, run_cli, script, start_process, stop_process,
-                                          wait_until, weather_env)
-from nemo_gym_cli.testing.harness.scenarios import AGENT, collect, read_lines, write_rows
-from rawhttp import RawServer, response
+from nemo_gym_cli.testing.harness import (VLLM_MODEL, WEATHER, http_get, http_json, metric_total, run_cli, script, start_process,
+                                          stop_process, wait_until, weather_env)
+from nemo_gym_cli.testing.harness.scenarios import AGENT, collect, read_lines, resize_tmpfs, tmpfs, write_rows
+from nemo_gym_cli.testing.harness.scenarios import garbage_backend as garbage_server
 
 MODEL = "++policy_model.responses_api_models.vllm_model"
 
 
 def pairs(path) -> list[tuple[int, int]]:
     return [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in read_lines(path)]
+
+
+def bad_runs(agent_url: str) -> float:
+    """/run calls the agent answered 400 (its own count, from its /metrics)."""
+    return metric_total(http_get(agent_url + "/metrics").decode(), "ng_server_requests_total", route="/run", status="400")
 
 
 def collections(g) -> dict[str, dict]:
@@ -31,17 +36,12 @@ def collections(g) -> dict[str, dict]:
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 64 KiB tmpfs (about 20 weather rollouts), unmounted afterwards; needs root."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs for the full-disk test needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            disk = stack.enter_context(tmpfs(tmp_path / "disk", "64k"))
+        except OSError as e:
+            pytest.skip(f"the full-disk test: {e}")
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(standins, graph, tmp_path, tiny_disk):
@@ -62,10 +62,46 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_completes_it(standins, gra
     shown = run_cli("ng_status", [f"+head_server.port={g.head_port}"], cwd=tmp_path).stdout
     assert "failed: cannot write" in shown
 
-    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)  # space freed
+    assert resize_tmpfs(tiny_disk, "16m")  # space freed
     resumed = collect(g, *args, "+resume=true")
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(pairs(out)) == [(i, 0) for i in range(60)]  # exact: none twice, none missing
+
+
+def test_failures_that_fill_the_disk_stop_the_run_cleanly_and_resume_sends_each_row_once(standins, graph, tmp_path,
+                                                                                          tiny_disk):
+    g = graph([VLLM_MODEL, WEATHER], env=weather_env(standins(1)))
+    good, bad = 10, 250  # the good rows first, then rows the agent refuses (400): their records fill the disk
+    write_rows(tmp_path / "good.jsonl", good)
+    rows = read_lines(tmp_path / "good.jsonl") + [{"responses_create_params": {"input": 42}}] * bad
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tiny_disk / "out.jsonl"
+    failures_path = tiny_disk / "out_failures.jsonl"
+    # One at a time: every good row is written before the first failure, so the failures file is what fills.
+    args = ["+input_jsonl_fpath=in.jsonl", f"+output_jsonl_fpath={out}", "+concurrency=1"]
+    full = collect(g, *args)
+    assert full.returncode == 74, full.stderr
+    assert "Traceback" not in full.stderr
+    [line] = [ln for ln in full.stderr.splitlines() if "stopped:" in ln]
+    assert f"cannot write {failures_path}: No space left on device" in line, line
+    assert f"{good} rollouts written" in line and "+resume=true" in line, line
+    assert pairs(out) == [(i, 0) for i in range(good)]  # whole lines only, in both files (read_lines checks)
+    recorded = read_lines(failures_path)
+    assert 0 < len(recorded) < bad and f"{len(recorded)} failures recorded" in line
+    assert all(f["status"] == 400 and f["attempts"] == 1 for f in recorded)
+    agent = g.url(AGENT.split("=", 1)[1])
+    assert bad_runs(agent) == len(recorded) + 1  # the refused row whose record did not fit: resume runs it
+    print(f"\nfailures fill the disk: stopped after {good} rollouts and {len(recorded)} of {bad} failures, exit 74")
+
+    assert resize_tmpfs(tiny_disk, "16m")  # space freed
+    resumed = collect(g, *args, "+resume=true")
+    assert resumed.returncode == 1, resumed.stderr  # the bad rows stay failed
+    assert pairs(out) == [(i, 0) for i in range(good)]  # exact: none twice, none missing
+    final = read_lines(failures_path)
+    assert sorted(f["_ng_task_index"] for f in final) == list(range(good, good + bad))
+    assert all(f["status"] == 400 and f["attempts"] == 1 and len(f["reasons"]) == 1 for f in final)
+    # Each bad row reached the agent once over both runs, but the one whose record did not fit (it ran again).
+    assert bad_runs(agent) == bad + 1
 
 
 def test_rows_of_the_wrong_shape_are_400s_naming_the_field_and_never_retried(standins, graph, tmp_path):
@@ -91,6 +127,17 @@ def test_rows_of_the_wrong_shape_are_400s_naming_the_field_and_never_retried(sta
         assert "Error:" not in f["error"] and "Traceback" not in f["error"]  # no Python exception shown
     assert json.loads((tmp_path / "out_metrics.json").read_text())["retries"] == 0
     assert backend.stats()["requests"] == 4  # the 2 good rows' 2 turns each: no bad row reached the model
+
+    # A 400 is final on resume too: it has attempts left, but it is carried over, never sent again.
+    agent = g.url(AGENT.split("=", 1)[1])
+    sent_before = bad_runs(agent)
+    assert sent_before == len(bad)
+    resumed = collect(g, "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl", "+resume=true", "+max_attempts=3")
+    assert resumed.returncode == 1, resumed.stderr
+    assert bad_runs(agent) == sent_before, "resume sent a row whose 400 was final"
+    again = {f["_ng_task_index"]: f for f in read_lines(tmp_path / "out_failures.jsonl")}
+    assert again == failures  # the same records: 1 attempt, 1 reason each
+    assert sorted(t for t, _ in pairs(tmp_path / "out.jsonl")) == [0, 6]
     status, body = http_json(g.url(AGENT.split("=", 1)[1]) + "/v1/responses", {"input": 42})
     assert status == 400 and "'input'" in body["error"]["message"]
 
@@ -128,27 +175,13 @@ def test_one_collector_per_output_even_with_resume_and_after_sigkill(standins, g
     assert "lost: no progress report" in run_cli("ng_status", [f"+head_server.port={g.head_port}"], cwd=tmp_path).stdout
 
 
-GOOD = {"id": "c1", "object": "chat.completion", "created": 0, "model": "standin-model",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "sunny"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 GARBAGE_BYTES = 40 * 1024 * 1024  # over max_answer_bytes (32 MiB)
 
 
 @pytest.fixture
 def garbage_backend():
     """A "vLLM" whose /health is fine and whose chat completions are 40 MB of garbage until `good` is set."""
-    garbage = response(200, b"\x8b" * GARBAGE_BYTES)
-    state = {"good": False}
-
-    def answer(method, path, headers, body):
-        if path == "/health":
-            return response(200, b"")
-        if path.endswith("/chat/completions"):
-            return response(200, json.dumps(GOOD).encode()) if state["good"] else garbage
-        return response(404, b"{}")
-
-    server = RawServer(answer)
-    server.state = state
+    server = garbage_server(GARBAGE_BYTES)
     yield server
     server.close()
 

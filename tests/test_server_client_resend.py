@@ -12,7 +12,7 @@ import pytest
 from nemo_gym_cli.serving import HTTPError, SimpleResourcesServer
 from nemo_gym_cli.serving.client import ServerClient
 from nemo_gym_cli.serving.errors import ServerCallError
-from rawhttp import RawServer, response
+from nemo_gym_cli.testing.harness.rawhttp import RawServer, response
 
 FAST_RETRIES = {"max_retries": 3, "backoff_base_s": 0.001, "backoff_max_s": 0.01}
 

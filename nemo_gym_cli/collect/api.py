@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from nemo_gym_cli.collect.autoconcurrency import AUTO_START, AutoConcurrency, adapters_reader
-from nemo_gym_cli.collect.jobs import Job, Repeats, agent_ref, iter_rows
+from nemo_gym_cli.collect.jobs import Job, Repeats, agent_ref, iter_rows, retryable
 from nemo_gym_cli.collect.limit import ConcurrencyLimit
 from nemo_gym_cli.config import AGENT_SERVERS, MODEL_SERVERS
 from nemo_gym_cli.config import head_url as default_head_url
@@ -90,11 +90,6 @@ class GraphWatch:
             return True
         finally:
             self._check = None
-
-
-def retryable(status: int | None) -> bool:
-    """Worth another attempt: no answer at all, a server error, or "try again later"."""
-    return status is None or status >= 500 or status in (408, 429)
 
 
 @dataclass

@@ -51,8 +51,9 @@ _ng_task_index (input row), _ng_rollout_index (repeat) and agent_ref.
                             all; a 4xx (bad row, unknown agent) is not retried
   +responses_create_params  merged into every row's responses_create_params (these win)
   +resume=true              skip the (task, rollout) pairs already in OUT.jsonl and retry failed
-                            ones that have attempts left; without it an existing OUT.jsonl is an
-                            error (never appended to, never deleted)
+                            ones that have attempts left (never a 4xx: it stays a failure);
+                            without it an existing OUT.jsonl is an error (never appended to,
+                            never deleted)
   +head_server.port={head_server[port]:<8}where ng_run's head server is (same config as ng_run)
 
 Failures never stop the run: a rollout that fails, a row naming an agent the graph does not

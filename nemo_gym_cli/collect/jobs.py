@@ -30,7 +30,13 @@ class Job:
     status: int | None = None
     prior_attempts: int = 0  # attempts used by earlier runs (resume)
     prior_reasons: list[str] = field(default_factory=list)
-    exhausted: bool = False  # no attempts left: carried over as a failure, not run again
+    exhausted: bool = False  # no attempts left, or its failure was final: carried over as a failure, not run again
+
+
+def retryable(status: int | None) -> bool:
+    """Worth another attempt: no answer at all, a server error, or "try again later". Any other
+    4xx is the row's fault: final, in this run and on resume."""
+    return status is None or status >= 500 or status in (408, 429)
 
 
 class Repeats:
@@ -128,7 +134,8 @@ def iter_file(path: Path, limit: int | None, repeats: Repeats, default_agent: st
 def for_resume(jobs: Iterator[Job], done: set[tuple[int, int]], failed: dict[tuple[int, int], dict],
                max_attempts: int, skipped: list[int]) -> Iterator[Job]:
     """Skip the pairs already written; give failed pairs their attempts so far (or carry them over
-    as failures when none are left). skipped[0] counts the skipped pairs."""
+    as failures when none are left, or when the failure was final: a 4xx the row caused).
+    skipped[0] counts the skipped pairs."""
     for job in jobs:
         key = (job.task, job.rollout)
         if key in done:
@@ -138,7 +145,7 @@ def for_resume(jobs: Iterator[Job], done: set[tuple[int, int]], failed: dict[tup
         if before is not None:
             job.prior_attempts = int(before.get("attempts") or 1)
             job.prior_reasons = list(before.get("reasons") or [before.get("reason", "")])
-            if job.prior_attempts >= max_attempts:
+            if job.prior_attempts >= max_attempts or not retryable(before.get("status")):
                 job.exhausted = True
                 job.error = before.get("reason") or "failed"
                 job.status = before.get("status")

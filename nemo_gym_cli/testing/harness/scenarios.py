@@ -4,7 +4,9 @@ questions about the processes a graph left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -14,6 +16,7 @@ import psutil
 
 from nemo_gym_cli.testing.harness.http_calls import http_json
 from nemo_gym_cli.testing.harness.processes import PROJECT_ROOT, run_cli, script, wait_until
+from nemo_gym_cli.testing.harness.rawhttp import RawServer, response
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures" / "graph"
 SECRET = "sk-ECHO-SECRET-9876543210"
@@ -102,12 +105,12 @@ def lines_written(out: Path) -> int:
 
 
 def collect_through_fault(g, out: Path, total: int, fault, *args: str, timeout: float = 300) -> tuple[int, str, float]:
-    """Collect `total` rows of in.jsonl into `out`, calling `fault()` once a quarter is written:
-    (the collector's exit code, its output, seconds from the fault to its end)."""
+    """Collect `total` rows of in.jsonl into `out`, calling `fault(collector process)` once a quarter
+    is written: (the collector's exit code, its output, seconds from the fault to its end)."""
     proc = collect_in_background(g, out, *args)
     try:
         wait_until(lambda: lines_written(out) >= total // 4, timeout, "a quarter written")
-        fault()
+        fault(proc)
         t0 = time.monotonic()
         output, _ = proc.communicate(timeout=timeout)
         return proc.returncode, output, time.monotonic() - t0
@@ -115,3 +118,47 @@ def collect_through_fault(g, out: Path, total: int, fault, *args: str, timeout: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+GOOD_COMPLETION = {"id": "c1", "object": "chat.completion", "created": 0, "model": "standin-model",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "sunny"}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def garbage_backend(n_bytes: int) -> RawServer:
+    """A "vLLM" whose /health is fine and whose chat completions are HTTP 200 with `n_bytes` of
+    garbage, until `.state["good"]` is set (then a good completion). Close it when done."""
+    garbage = response(200, b"\x8b" * n_bytes)
+    state = {"good": False}
+
+    def answer(method, path, headers, body):
+        if path == "/health":
+            return response(200, b"")
+        if path.endswith("/chat/completions"):
+            return response(200, json.dumps(GOOD_COMPLETION).encode()) if state["good"] else garbage
+        return response(404, b"{}")
+
+    server = RawServer(answer)
+    server.state = state
+    return server
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` (mount's units: "64k", "16m") on `folder` for the block, unmounted after;
+    OSError (PermissionError when not root) says why it cannot be mounted."""
+    if os.geteuid() != 0:
+        raise PermissionError("mounting a tmpfs needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        raise OSError(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def resize_tmpfs(folder: Path, size: str) -> bool:
+    """Give a mounted tmpfs another size; False if it cannot (e.g. smaller than what it holds)."""
+    return subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], capture_output=True).returncode == 0

@@ -1,5 +1,5 @@
-"""A raw-socket HTTP server for tests: it answers each request with bytes a test chooses, valid
-HTTP or not, on a real port, in a background thread (so blocking test code can use it too)."""
+"""A raw-socket HTTP server for tests and benches: it answers each request with bytes the caller
+chooses, valid HTTP or not, on a real port, in a background thread (so blocking code can use it too)."""
 
 from __future__ import annotations
 
