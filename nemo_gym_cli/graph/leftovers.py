@@ -54,12 +54,13 @@ class GraphState:
 
 
 def _same_process(entry: dict, command: bool = True) -> psutil.Process | None:
-    """The process an entry names, if it still runs: same pid, start time and (`command`) command line."""
+    """The process an entry names, if it still runs: same pid, start time and (`command`) command line
+    (an entry written by an ng_run older than the command record is matched by pid and start time)."""
     try:
         proc = psutil.Process(int(entry["pid"]))
         if entry.get("started") is None or abs(proc.create_time() - float(entry["started"])) > 0.01:
             return None
-        if command and proc.cmdline() != list(entry["command"]):
+        if command and "command" in entry and proc.cmdline() != list(entry["command"]):
             return None
         return None if proc.status() == psutil.STATUS_ZOMBIE else proc
     except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
