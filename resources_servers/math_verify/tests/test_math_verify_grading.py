@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
 import pytest_asyncio
 
-from nemo_gym_cli.graph.build import serve
-from nemo_gym_cli.serving.client import ServerClient
-from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving import ServerCallError
+from nemo_gym_cli.testing.harness import served
 from resources_servers.math_verify.app import MathVerifyResourcesServer
 
 HUGE = r"\boxed{9^{9^{9^{9}}}}"  # a tower of powers: sympy would take ages to compare it
@@ -46,17 +46,13 @@ def row(expected: str, text: str | None) -> dict:
 
 async def start(config: dict):
     server = MathVerifyResourcesServer("math_verify", config)
-    running = await serve(server, "127.0.0.1", 0)
-    client = ServerClient({"max_retries": 0})
+    stack = contextlib.AsyncExitStack()
+    url, client = await stack.enter_async_context(served(server))
 
     async def verify(body: dict) -> dict:
-        return await client.request_json("POST", running.url + "/verify", body, timeout_s=60, retries=0)
+        return await client.request_json("POST", url + "/verify", body, timeout_s=60, retries=0)
 
-    async def stop():
-        await client.close()
-        await running.stop()
-
-    return verify, server, stop
+    return verify, server, stack.aclose
 
 
 # One server for the module (its workers take seconds to load sympy); the stuck-worker test has its own.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_gym_cli.serving.errors import ServerCallError
+from nemo_gym_cli.serving import ServerCallError
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, WEATHER_AGENT, run_cli, served, weather_env
 from resources_servers.simple_weather.app import SimpleWeatherResourcesServer
 
