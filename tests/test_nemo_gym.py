@@ -279,11 +279,12 @@ def test_kill_a_nemo_server_mid_run(nemo_graph, nemo_python):
 
 
 # ------------------------------------------------------------------ a graph of mcqa alone: leftovers, the Ray head
-def mcqa_graph(work: Path, python: str, standin: StandIn, tmpdir: Path | None = None) -> Graph:
+def mcqa_graph(work: Path, python: str, standin: StandIn, tmpdir: Path | None = None, args: tuple[str, ...] = ()) -> Graph:
     """`tmpdir`: ng_run's TMPDIR, where graphs keep their state folders: only ng_runs sharing it end
     each other's leftovers (not those of every other test running on this machine)."""
     env = {"policy_base_url": standin.url, "policy_api_key": "EMPTY", "policy_model_name": "standin-model"}
-    return Graph(work, [MCQA, VLLM_MODEL], env, [f"+nemo_gym.python={python}", "+restarts.backoff_s=0.1", "+stop_grace_s=3"],
+    return Graph(work, [MCQA, VLLM_MODEL], env,
+                 [f"+nemo_gym.python={python}", "+restarts.backoff_s=0.1", "+stop_grace_s=3", *args],
                  timeout=180, process_env={**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None)
 
 
@@ -383,3 +384,44 @@ def test_a_frozen_ray_head_is_restarted_the_nemo_server_rejoins_it_and_a_stop_le
         graph.stop()
         graph.kill_leftovers()
         standin.stop()
+
+
+def test_nemo_servers_join_the_users_ray_cluster_given_as_nemo_gym_ray_address(nemo_python, tmp_path):
+    """+nemo_gym.ray_address: NeMo Gym's servers use the user's cluster (their ray_head_node_address)
+    and ng_run starts none. The user's cluster here: a Ray head run with NeMo Gym's Python."""
+    port, temp = free_port(), Path(tempfile.mkdtemp(prefix="ngu_"))  # short: Ray's socket paths live below it
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    users = subprocess.Popen([nemo_python, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
+                              "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+                              "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(temp)],
+                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    standin, graph = StandIn(tmp_path), None
+    try:
+        wait_until(lambda: not port_free(port) or users.poll() is not None, 90, "the user's Ray head listening")
+        assert users.poll() is None, "the user's Ray head did not start"
+        graph = mcqa_graph(tmp_path, nemo_python, standin, args=(f"+nemo_gym.ray_address=127.0.0.1:{port}",))
+        mcqa = {s["name"]: s for s in graph.servers()}["mcqa"]
+        nemo_dict = yaml.safe_load(dict(e.split("=", 1) for e in Path(f"/proc/{mcqa['pid']}/environ").read_text().split("\0")
+                                        if "=" in e)["NEMO_GYM_CONFIG_DICT"])
+        assert nemo_dict["ray_head_node_address"] == f"127.0.0.1:{port}"
+        assert named(psutil.Process(graph.proc.pid).children(recursive=True), "gcs_server") == []  # ng_run started none
+        # mcqa is a driver of the user's cluster: connected to its GCS.
+        assert any(c.raddr and c.raddr.port == port for c in psutil.Process(mcqa["pid"]).net_connections("tcp"))
+        assert len(collect(graph, tmp_path, "users_cluster", "mcqa_simple_agent", MCQA)) == 5
+        assert graph.stop() == 0
+        assert users.poll() is None  # the user's cluster is the user's: ng_run leaves it running
+    finally:
+        if graph is not None:
+            graph.stop()
+            graph.kill_leftovers()
+        cluster = psutil.Process(users.pid).children(recursive=True) if users.poll() is None else []
+        users.kill()
+        for proc in cluster:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        users.wait(10)
+        standin.stop()
+        shutil.rmtree(temp, ignore_errors=True)

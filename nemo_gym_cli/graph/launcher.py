@@ -131,15 +131,19 @@ class Launcher:
                 self._supervise(self.runner_factory(spec, replica), policy)
 
     async def _start_nemo_gym_servers(self) -> None:
-        """NeMo Gym's own servers (nemo_runtime.py), on one Ray cluster: a Ray head of ours, started
-        first and supervised like a server (restarted when it dies or stops answering)."""
+        """NeMo Gym's own servers (nemo_runtime.py), on one Ray cluster: the user's
+        (`nemo_gym.ray_address`), else a Ray head of ours, started first and supervised like a server
+        (restarted when it dies or stops answering)."""
         if not self.nemo_specs:
             return
-        ray_head = nemo_runtime.RayHead(self.config, Path(self.tmpdir.name) / "ray", self.secrets,
-                                        on_started=self.graph_state.child_started, on_restarted=self._nemo_servers_rejoin)
-        self._supervise(ray_head, RestartPolicy.from_config(self.config))  # its supervisor starts it
-        await ray_head.wait_serving()
-        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.host_and_port, ray_head.address)
+        ray_address = nemo_runtime.users_ray_address(self.config)
+        if ray_address is None:
+            ray_head = nemo_runtime.RayHead(self.config, Path(self.tmpdir.name) / "ray", self.secrets,
+                                            on_started=self.graph_state.child_started, on_restarted=self._nemo_servers_rejoin)
+            self._supervise(ray_head, RestartPolicy.from_config(self.config))  # its supervisor starts it
+            await ray_head.wait_serving()
+            ray_address = ray_head.address
+        dict_yaml = nemo_runtime.config_dict_yaml(self._config_for_children(), self.head.host_and_port, ray_address)
         for spec in self.nemo_specs:
             policy = None if spec.restart == "never" else RestartPolicy.from_config(self.config)
             self._supervise(nemo_runtime.NemoGymProcess(spec, self.config, dict_yaml, self.head, self.secrets,

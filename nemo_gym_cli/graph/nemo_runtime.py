@@ -8,9 +8,10 @@ and its tree), exactly as NeMo Gym's ng_run starts it:
   scrubbed like our servers').
 - A NeMo Gym server reads its peers' addresses once, at start, so every single-replica server of
   the graph (ours too) gets a fixed port, kept across restarts.
-- One Ray cluster for all of them: a Ray head that ng_run starts with their Python (Ray's
-  versions must match exactly) and stops with the graph. (`+ray.address`, our servers as Ray
-  actors, is refused with NeMo Gym servers: ray_runner.check_ray_config says why.)
+- One Ray cluster for all of them: the user's (`nemo_gym.ray_address`, as NeMo Gym's
+  `ray_head_node_address`), else a Ray head that ng_run starts with their Python (Ray's and
+  Python's versions must match exactly) and stops with the graph. (`+ray.address`, our servers as
+  Ray actors, is refused with NeMo Gym servers: ray_runner.check_ray_config says why.)
 - The Ray head is supervised too: probed through its dashboard agent's /api/healthz (503 when the
   GCS does not answer), restarted on its ports when it dies or freezes; then every NeMo Gym server
   is restarted, as a Ray driver cannot join a new cluster (it would exit 60 s after losing its GCS).
@@ -58,6 +59,12 @@ def nemo_specs(specs: dict[str, ServerSpec]) -> list[ServerSpec]:
 
 def _nemo_settings(config: dict) -> dict:
     return {**base_defaults()["nemo_gym"], **(config.get("nemo_gym") or {})}
+
+
+def users_ray_address(config: dict) -> str | None:
+    """`nemo_gym.ray_address`: the user's Ray cluster for NeMo Gym's servers, or None (ng_run starts one)."""
+    address = _nemo_settings(config).get("ray_address")
+    return str(address) if address else None
 
 
 def assign_fixed_ports(config: dict, specs: dict[str, ServerSpec]) -> None:

@@ -66,7 +66,7 @@ def check_ray_config(config: dict, specs: dict[str, ServerSpec]) -> list[str]:
                         f"server reads the host:port of every server it calls once, at start, but on Ray our servers "
                         f"are actors that Ray places (and places again when it restarts them) on any node. Drop "
                         f"+ray.address: ng_run then runs every server on this machine and starts one Ray cluster for "
-                        f"the NeMo Gym servers")
+                        f"the NeMo Gym servers, or give them yours with +nemo_gym.ray_address=<its address>")
     return problems
 
 
