@@ -25,12 +25,16 @@ POLL_BASE_S, POLL_CAP_S = 0.05, 1.0  # backoff between polls while paused (and b
 
 
 async def is_paused(client, backend: Backend, headers: dict, timeout_s: float = PROBE_TIMEOUT_S) -> bool | None:
-    """The backend's GET /is_paused: True/False, or None when it does not say (no dev mode, an
-    error, no answer): the caller then retries with backoff instead."""
+    """The backend's GET /is_paused: True/False, or None when it cannot say (no dev mode, refused,
+    malformed, not JSON): the caller then retries with backoff instead. A probe that times out
+    while the router still counts the backend healthy is taken as paused: a loaded or pausing
+    server answers late, and a blind re-send would wait in its paused engine past the deadline."""
     try:
         status, raw = await client.raw_request("GET", backend.root_url + "/is_paused", None, headers, timeout_s)
         answer = orjson.loads(raw) if status == 200 else None
-    except Exception:  # noqa: BLE001 - refused, timed out, malformed, not JSON: it does not say
+    except TimeoutError:
+        return True if backend.healthy else None  # a backend the router marked down: the re-send fails over
+    except Exception:  # noqa: BLE001 - refused, malformed, not JSON: it does not say
         return None
     paused = answer.get("is_paused") if isinstance(answer, dict) else None
     return paused if isinstance(paused, bool) else None

@@ -65,7 +65,8 @@ class UpstreamModel(ResponsesAPIModel):
         deadline = time.monotonic() + self.config.timeout_s
         aborts = 0
         while True:
-            chat, backend = await self.upstream.exchange(ctx, "/chat/completions", chat_params, check=check_chat_completion)
+            chat, backend = await self.upstream.exchange(ctx, "/chat/completions", chat_params, check=check_chat_completion,
+                                                         deadline=deadline)
             if chat["choices"][0].get("finish_reason") != ABORTED:
                 return chat
             await wait_until_serving(self.client, backend, self.upstream.headers, attempt=aborts, deadline=deadline,

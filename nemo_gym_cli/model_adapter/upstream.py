@@ -14,6 +14,7 @@ with a 502 naming the backend.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -81,9 +82,11 @@ class Upstream:
         self.router.start()
 
     async def post(self, path: str, payload: Any, *, session_id: str | None, group_key: str | None = None,
-                   at_root: bool = False, check: Check | None = None) -> tuple[Any, Backend]:
+                   at_root: bool = False, check: Check | None = None, deadline: float | None = None) -> tuple[Any, Backend]:
         """POST to `<base_url><path>` (or `<root_url><path>`, e.g. vLLM's /tokenize) of the
-        session's backend; returns (parsed JSON, backend). `check` vets a 2xx answer."""
+        session's backend; returns (parsed JSON, backend). `check` vets a 2xx answer. `deadline`
+        (monotonic): each attempt's timeout ends there at the latest (a turn sent again after a
+        weight sync's abort keeps the turn's own timeout)."""
         data = orjson.dumps(payload)
         headers = {**self.headers, SESSION_HEADER: session_id} if session_id else self.headers
 
@@ -91,7 +94,8 @@ class Upstream:
             url = (backend.root_url if at_root else backend.url) + path
             for retry in range(self.max_retries + 1):
                 try:
-                    status, raw = await self.server.client.raw_request("POST", url, data, headers, self.timeout_s,
+                    timeout_s = self.timeout_s if deadline is None else max(0.001, min(self.timeout_s, deadline - time.monotonic()))
+                    status, raw = await self.server.client.raw_request("POST", url, data, headers, timeout_s,
                                                                        idempotent=True, cap=self.answer_cap)
                 except ProtocolError as e:
                     raise MalformedAnswer(f"sent a malformed answer ({e})", backend.url) from None
@@ -127,13 +131,13 @@ class Upstream:
         return (await self.exchange(ctx, path, payload, at_root=at_root, check=check))[0]
 
     async def exchange(self, ctx: RequestContext, path: str, payload: Any, *, at_root: bool = False,
-                       check: Check | None = None) -> tuple[Any, Backend]:
+                       check: Check | None = None, deadline: float | None = None) -> tuple[Any, Backend]:
         """call(), and the backend that answered (to wait on it when it was paused)."""
         group = ctx.headers.get(GROUP_HEADER) if ctx.headers else None
         name = self.server.name
         try:
             return await self.post(path, payload, session_id=ctx.session_id, group_key=group, at_root=at_root,
-                                   check=check)
+                                   check=check, deadline=deadline)
         except BackendUnavailable as e:
             raise HTTPError(503, f"{name}: no upstream server could take the request: {e}", "upstream_unavailable") from None
         except MalformedAnswer as e:

@@ -196,7 +196,8 @@ async def _turn(upstream, ctx: RequestContext, chat_params: dict, model: str, de
     while True:
         params = sampling if budget is None else {**sampling, "max_tokens": budget - len(generation.token_ids)}
         body = {**request, "model": model, "token_ids": prompt + generation.token_ids, "sampling_params": params}
-        answer, backend = await upstream.exchange(ctx, GENERATE, body, at_root=True, check=check_generate)
+        answer, backend = await upstream.exchange(ctx, GENERATE, body, at_root=True, check=check_generate,
+                                                  deadline=deadline)
         choice = answer["choices"][0]
         generation.extend(choice)
         if choice.get("finish_reason") != ABORTED:

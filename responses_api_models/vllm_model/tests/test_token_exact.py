@@ -345,6 +345,26 @@ def test_a_pause_that_never_ends_fails_the_turn_in_time_and_a_backend_that_canno
     assert blind.stats()["chat"] == 3  # reference, aborted, sent again: nothing more
 
 
+def test_a_paused_backend_that_stops_answering_its_probes_still_ends_the_turn_at_its_deadline(graph, standins):
+    """A /is_paused probe that times out (a loaded or frozen server) is no answer that it serves
+    again: the adapter keeps waiting, within the turn's timeout, instead of sending the turn into
+    the paused engine (where it would wait past the deadline)."""
+    backend, = standins(1, "--per-token-ms", "40")
+    g = graph([TRAINING, WEATHER], env=weather_env([backend]), args=[f"{TIMEOUT_S}=3"])
+    generated = backend.stats()["generate"]  # ng_run's preflight generated once
+    thread, answer = in_background(g.url("policy_model") + "/v1/responses", LONG_TURN)
+    wait_until(lambda: running(backend), 20, "a generation running", interval=0.02)
+    assert http_json(g.url("policy_model") + "/pause?mode=abort", {}, timeout=10)[0] == 200
+    backend.proc.send_signal(signal.SIGSTOP)  # paused, then frozen: every probe times out
+    try:
+        thread.join(20)
+    finally:
+        backend.proc.send_signal(signal.SIGCONT)
+    assert answer.get("status") == 503 and answer["body"]["error"]["type"] == "upstream_paused", answer
+    assert 2.5 <= answer["s"] < 5, answer["s"]  # timeout_s=3 from the turn's start
+    assert backend.stats()["generate"] == generated + 1  # never sent again into the paused engine
+
+
 def run_rollouts(g, n: int, concurrency: int) -> list[tuple[int, dict]]:
     url = g.url(AGENT) + "/run"
     results: list = [None] * n
