@@ -23,12 +23,14 @@ class Head:
 
     def __init__(self):
         self.listing: list[dict] = []
+        self.delay_s = 0.0  # how long a lookup takes (a loaded head)
 
     def set(self, name: str, urls: list[str | None]) -> None:
         self.listing = [{"name": name, "replica": i, "url": url, "pid": 1000 + i if url else None,
                          "state": "ready" if url else "restarting"} for i, url in enumerate(urls)]
 
     async def servers(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.delay_s)
         return web.json_response(self.listing)
 
 
@@ -195,6 +197,45 @@ async def test_a_session_on_a_gone_replica_fails_and_new_sessions_move_on(head, 
     other = 1 - pinned
     assert [(await client.post("env", "/work", {}, session_id=f"new{i}"))["replica"] for i in range(4)] == [other] * 4
     await replicas[other].stop()
+
+
+async def test_new_sessions_after_a_replica_died_idle_wait_for_its_successor_instead_of_piling_up(head, client):
+    """A replica is killed while nothing calls it and comes back at a new address before the next
+    burst of sessions: the burst finds the old address refused, and the sessions that were sent
+    there wait for the lookup (slow here, as on a loaded head) and spread onto the successor."""
+    first, second = Replica(0), Replica(1)
+    head.set("env", [await first.start(), await second.start()])
+    assert await client.post("env", "/work", {}) in ({"replica": 0}, {"replica": 1})  # resolved: both live
+    await second.stop()
+    successor = Replica(2)
+    head.set("env", [first.url, await successor.start()])
+    head.delay_s = 0.3
+    for r in (first, successor):
+        r.gate.clear()
+    hits_before = first.hits
+    calls = [asyncio.ensure_future(client.post("env", "/work", {}, session_id=f"s{i}")) for i in range(8)]
+    await wait_until_async(lambda: first.hits - hits_before + successor.hits >= 8, 10, "the 8 sessions to reach a replica")
+    assert successor.hits >= 3, (first.hits - hits_before, successor.hits)  # not all 8 on the survivor
+    for r in (first, successor):
+        r.gate.set()
+    answers = await asyncio.gather(*calls)
+    assert sorted(a["replica"] for a in answers) == sorted([0] * (first.hits - hits_before) + [2] * successor.hits)
+    await first.stop()
+    await successor.stop()
+
+
+async def test_a_refused_replica_is_not_tried_again_with_backoff(head):
+    """Refused means nothing listens there: the call moves on at once, whatever the backoff."""
+    good = Replica(1)
+    head.set("env", [free_port_url(), await good.start()])
+    c = ServerClient({**FAST, "max_retries": 3, "backoff_base_s": 60, "backoff_max_s": 60}, head.url)
+    try:
+        async with asyncio.timeout(10):  # three backoffs of up to 60 s each before the fix
+            answers = [await c.post("env", "/work", {}, session_id=f"s{i}") for i in range(4)]
+        assert answers == [{"replica": 1}] * 4
+    finally:
+        await c.close()
+        await good.stop()
 
 
 async def test_a_call_waits_for_a_restarted_replica_at_its_new_address(head, client):

@@ -43,7 +43,7 @@ from nemo_gym_cli.serving.errors import (ALREADY_RETRIED, NOT_PROCESSED_STATUSES
 from nemo_gym_cli.serving.head_client import HeadClient
 from nemo_gym_cli.serving.http11 import IDEMPOTENT_METHODS, BodyCap, InvalidRequest, LeanHTTP, ProtocolError, check_header
 from nemo_gym_cli.serving.protocol import SESSION_HEADER, HTTPError
-from nemo_gym_cli.serving.replicas import Replica, Replicas, Resolver
+from nemo_gym_cli.serving.replicas import LOOKUP_WAIT_S, Replica, Replicas, Resolver
 
 if TYPE_CHECKING:
     from nemo_gym_cli.serving.base import BaseServer
@@ -164,12 +164,17 @@ class ServerClient:
     async def servers(self) -> list[dict]:
         return await HeadClient(self).servers()
 
-    async def replicas(self, name: str, wait: bool = True) -> Replicas:
-        """The replicas of a name; waits (bounded) while none serves, e.g. during a restart."""
+    async def replicas(self, name: str, wait: bool = True, new_session: bool = False) -> Replicas:
+        """The replicas of a name; waits (bounded) while none serves, e.g. during a restart. A name
+        missing a replica is looked up again; a `new_session` waits for that lookup (bounded, see
+        serving/replicas.py), since it stays on the replica it gets."""
         reps = self.resolver.names.get(name)
+        if reps is not None and reps.live and reps.degraded:
+            lookup = self.resolver.maybe_refresh()
+            if lookup is not None and new_session:
+                await asyncio.wait([lookup], timeout=LOOKUP_WAIT_S)
+                reps = self.resolver.names.get(name)
         if reps is not None and reps.live:
-            if reps.degraded:
-                self.resolver.maybe_refresh()
             return reps
         deadline = asyncio.get_running_loop().time() + self.resolve_timeout_s
         while True:
@@ -206,7 +211,8 @@ class ServerClient:
         for failovers in range(MAX_FAILOVERS + 1):
             reps = self.resolver.names.get(server)
             if reps is None or not reps.live or reps.degraded:  # (the common case skips a coroutine)
-                reps = await self.replicas(server)
+                new_session = session_id is not None and (reps is None or reps.pinned(session_id) is None)
+                reps = await self.replicas(server, new_session=new_session)
             fresh = False  # this call made the session's pin: nothing of the session is on it yet
             if session_id is None:
                 replica = reps.least_loaded()
@@ -229,7 +235,7 @@ class ServerClient:
             try:
                 return await self.request_json("POST", replica.url + path, body, headers=headers, server=server,
                                                timeout_s=timeout_s, retry_statuses=retry_statuses, idempotent=idempotent,
-                                               set_cookies=set_cookies)
+                                               set_cookies=set_cookies, refused_is_final=True)
             except asyncio.CancelledError:
                 if replica.frozen is None or task not in replica.calls or task.uncancel() > 0:
                     raise  # cancelled by its caller, not cut off by the watchdog
@@ -351,9 +357,11 @@ class ServerClient:
     async def request_json(self, method: str, url: str, body: Any = None, *, headers: dict | None = None,
                            server: str = "", timeout_s: float | None = None, retries: int | None = None,
                            retry_statuses: frozenset[int] = RETRY_STATUSES, idempotent: bool | None = None,
-                           set_cookies: list[str] | None = None) -> Any:
+                           set_cookies: list[str] | None = None, refused_is_final: bool = False) -> Any:
         """One HTTP call with timeout and bounded retries (only where safe, see the module
-        docstring); returns the parsed JSON body (`set_cookies` gets the Set-Cookie values)."""
+        docstring); returns the parsed JSON body (`set_cookies` gets the Set-Cookie values).
+        `refused_is_final`: a refused connection is not tried again here (a call by name moves on
+        to another replica at once: nothing listens at this one's address any more)."""
         retries = self.max_retries if retries is None else retries
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
@@ -383,7 +391,8 @@ class ServerClient:
                 raise ServerCallError(server, url, f"malformed answer: {e}") from None
             except UNAVAILABLE_ERRORS as e:
                 sent = not isinstance(e, NOT_SENT_ERRORS)
-                if attempt == retries or (sent and not idempotent):
+                final = refused_is_final and failure_kind(e) == "refused"
+                if attempt == retries or (sent and not idempotent) or final:
                     cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                     if isinstance(e, asyncio.TimeoutError):
                         cause = "timed out"

@@ -7,7 +7,10 @@ episode, a model adapter's backend pin); when that replica is gone, later calls 
 session fail (the collector retries the rollout) rather than reach a replica that never saw
 it. A replica is gone when it refuses connections, or resets one and then refuses or resets a probe,
 or the head lists a new process for it; the listing is fetched again (once for all callers)
-when a name has a replica that is not serving, at most once a second.
+when a name has a replica that is not serving, at most once a second. A new session on such a
+name waits for that lookup (at most LOOKUP_WAIT_S) before it picks: it stays where it starts,
+and without the wait every session that starts in the moment after a replica died would pile
+onto the survivors, even when the replica's successor already serves.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Awaitable, Callable
 
 PIN_GENERATION = 16384  # sessions per generation of pins; two generations are kept
 REFRESH_S = 1.0  # a name with a missing replica is looked up again at most this often
+LOOKUP_WAIT_S = 1.0  # how long a new session waits for that lookup before it picks among the replicas it has
 SERVING = ("registered", "ready")
 
 
@@ -96,19 +100,19 @@ class Resolver:
         self.names: dict[str, Replicas] = {}
         self.known: set[str] = set()  # every configured name, serving or not
         self.gone: set[tuple] = set()  # replica processes found gone (the head may list them a little longer)
-        self._lookup: asyncio.Future | None = None
+        self._lookup: asyncio.Future | None = None  # the listing being fetched, shared by its callers
+        self._background: asyncio.Future | None = None  # maybe_refresh's lookup, done once applied
         self._next_refresh = 0.0
 
     async def refresh(self) -> None:
         if self._lookup is None:
-            self._lookup = asyncio.ensure_future(self.fetch())
-        lookup = self._lookup
-        try:
-            listing = await asyncio.shield(lookup)
-        finally:
-            if self._lookup is lookup and lookup.done():
-                self._lookup = None
-        self._apply(listing)
+            self._lookup = lookup = asyncio.ensure_future(self.fetch())
+            lookup.add_done_callback(self._lookup_done)  # (even when every caller was cancelled)
+        self._apply(await asyncio.shield(self._lookup))
+
+    def _lookup_done(self, lookup: asyncio.Future) -> None:
+        if self._lookup is lookup:
+            self._lookup = None
 
     def _apply(self, listing: list[dict]) -> None:
         entries: dict[str, list[dict]] = {}
@@ -135,12 +139,16 @@ class Resolver:
                 reps.young, reps.old = before.young, before.old  # sessions stay where they are
             self.names[name] = reps
 
-    def maybe_refresh(self) -> None:
-        """A name is missing a replica: look again in the background, at most once a REFRESH_S."""
-        now = self.clock()
-        if now >= self._next_refresh and self._lookup is None:
+    def maybe_refresh(self) -> asyncio.Future | None:
+        """A name is missing a replica: look again in the background, at most once a REFRESH_S.
+        Returns the lookup under way (done once its listing is applied), None if there is none."""
+        if self._background is None or self._background.done():
+            now = self.clock()
+            if now < self._next_refresh:
+                return None
             self._next_refresh = now + REFRESH_S
-            asyncio.ensure_future(self._refresh_quietly())
+            self._background = asyncio.ensure_future(self._refresh_quietly())
+        return self._background
 
     async def _refresh_quietly(self) -> None:
         try:
