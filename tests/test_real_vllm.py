@@ -259,15 +259,35 @@ def post_root(srv, path: str) -> dict:
         return json.loads(r.read())
 
 
+def freeze_mid_generation(srv, n: int, tokens_before: float, timeout: float) -> float:
+    """With vLLM frozen (/pause?mode=keep), let it run in short steps until a look finds n requests
+    running at once, past their first token; return the tokens generated, with it frozen there.
+    It looks only while frozen, and runs between looks just for a /resume and a /pause sent back to
+    back: under load one /metrics scrape can take longer than a whole generation of this tiny
+    model, so a poll of a running engine could miss the moment. (vLLM's gauges and counters are
+    its last step's: they hold still while frozen.)"""
+    def under_way() -> float | None:
+        metrics = srv.metrics_text()
+        generated = metric_total(metrics, "vllm:generation_tokens_total") - tokens_before
+        if metric_total(metrics, "vllm:num_requests_running") >= n and generated > n:
+            return generated
+        assert post_root(srv, "/resume") == {"status": "resumed"}
+        assert post_root(srv, "/pause?mode=keep") == {"status": "paused"}
+        return None
+
+    return wait_until(under_way, timeout, f"{n} generations under way at once", interval=0.05)
+
+
 def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllms, graph):
-    """/pause?mode=abort sent to vLLM itself while 4 long generations run, then /resume: every
-    turn comes back whole, with as many tokens as the same request uninterrupted."""
+    """/pause?mode=abort sent to vLLM itself while 4 long generations are under way (frozen there
+    with mode=keep: see freeze_mid_generation), then /resume: every turn comes back whole, with as
+    many tokens as the same request uninterrupted."""
     srv = vllms[0]
     g = graph([TRAINING_MODEL, WEATHER], env=env_for([srv]), timeout=120)
     nonce = uuid.uuid4().hex[:12]
     requests = [{"input": [{"role": "system", "content": f"[{nonce}-{i}] Write a long story."},
                            {"role": "user", "content": f"Tell me story number {i}."}],
-                 "temperature": 0.0, "max_output_tokens": 400} for i in range(4)]
+                 "temperature": 0.0, "max_output_tokens": 1200} for i in range(4)]
     url = g.url("policy_model") + "/v1/responses"
     uninterrupted = []
     for body in requests:  # one at a time: the reference token counts
@@ -276,16 +296,20 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
         uninterrupted.append(response["output"][-1]["generation_token_ids"])
 
     results: list = [None] * len(requests)
-    aborts_before = metric_total(srv.metrics_text(), "vllm:request_success_total", finished_reason="abort")
+    before = srv.metrics_text()
+    aborts_before = metric_total(before, "vllm:request_success_total", finished_reason="abort")
+    tokens_before = metric_total(before, "vllm:generation_tokens_total")
 
     def send(i: int) -> None:
         results[i] = http_json(url, requests[i], timeout=300)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    assert post_root(srv, "/pause?mode=keep") == {"status": "paused"}  # they arrive at a frozen engine
     for t in threads:
         t.start()
-    wait_until(lambda: srv.metric("vllm:num_requests_running") >= len(requests), 60, "4 generations running",
-               interval=0.05)
+    generated = freeze_mid_generation(srv, len(requests), tokens_before, 60)
+    total = sum(len(reference) for reference in uninterrupted)
+    assert len(requests) <= generated < total, (generated, total)  # all under way, none finished
     assert post_root(srv, "/pause?mode=abort") == {"status": "paused"}
     assert json.loads(urllib.request.urlopen(srv.base_url + "/is_paused", timeout=10).read()) == {"is_paused": True}
     status, view = http_json(g.url("policy_model") + "/backends")
@@ -305,7 +329,8 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
         assert last["weight_versions"][-1]["end"] == len(reference)
         whole += 1
         same += last["generation_token_ids"] == reference
-    print(f"\npause(abort) mid-generation: {aborted} generations aborted and continued; {whole}/{len(requests)} "
+    print(f"\npause(abort) mid-generation ({generated:g} of {total} tokens generated): {aborted} "
+          f"generations aborted and continued; {whole}/{len(requests)} "
           f"turns whole; {same}/{len(requests)} token-identical to the uninterrupted run; tokens (paused, uninterrupted): "
           f"{tokens}")
     # all of them were running when the pause landed: each was aborted once (vLLM counts it) and continued once
