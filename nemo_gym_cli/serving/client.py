@@ -8,7 +8,8 @@ Names resolve through the head server. A server that lives in this process is ca
 
 Every call has a timeout and bounded retries (exponential backoff, full jitter). A call is
 sent again only when the server cannot have acted on it, or when it is safe to repeat:
-- any call: the connection was refused or never opened (`NotSent`), or the answer was 429;
+- any call: the connection was refused or never opened (`NotSent`), or the answer was 429 (a
+  call by name that was refused goes to another replica instead: nothing listens there);
 - idempotent calls also after a reset, a timeout or a 5xx. Idempotent are GET and the POSTs
   a caller marks `idempotent=True`: a model's /v1/responses and /v1/chat/completions
   (inference has no side effects) and /release_session. Everything else (/seed_session,
