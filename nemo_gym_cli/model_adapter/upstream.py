@@ -85,8 +85,8 @@ class Upstream:
                    at_root: bool = False, check: Check | None = None, deadline: float | None = None) -> tuple[Any, Backend]:
         """POST to `<base_url><path>` (or `<root_url><path>`, e.g. vLLM's /tokenize) of the
         session's backend; returns (parsed JSON, backend). `check` vets a 2xx answer. `deadline`
-        (monotonic): each attempt's timeout ends there at the latest (a turn sent again after a
-        weight sync's abort keeps the turn's own timeout)."""
+        (monotonic): each attempt's timeout, and the wait for a backend when all are down, end there
+        at the latest (a turn sent again after a weight sync's abort keeps the turn's own timeout)."""
         data = orjson.dumps(payload)
         headers = {**self.headers, SESSION_HEADER: session_id} if session_id else self.headers
 
@@ -122,7 +122,7 @@ class Upstream:
                 await asyncio.sleep(backoff_delay(retry, self.server.client.backoff_base, self.server.client.backoff_max))  # http_client's
             raise AssertionError("unreachable")
 
-        return await self.router.call(session_id, attempt, group_key=group_key)
+        return await self.router.call(session_id, attempt, group_key=group_key, deadline=deadline)
 
     async def call(self, ctx: RequestContext, path: str, payload: Any, *, at_root: bool = False,
                    check: Check | None = None) -> Any:

@@ -123,18 +123,22 @@ class Router:
                 self.health.watch(backend)
 
     async def call(self, session_id: str | None, attempt: Callable[[Backend], Awaitable[T]], *,
-                   group_key: str | None = None) -> T:
+                   group_key: str | None = None, deadline: float | None = None) -> T:
+        """`attempt` on the session's backend, failing over; with every backend down it waits for one
+        `wait_for_backend_s`, and never past `deadline` (monotonic) when the caller has one."""
         if not self._started:
             self.start()
         backend = self._route(session_id, group_key)
-        deadline = None
+        wait_until = None
         failovers = 0
         task = asyncio.current_task()
         while True:
             if backend is None:
-                if deadline is None:
-                    deadline = time.monotonic() + self.wait_for_backend_s
-                await self._wait_for_healthy(deadline)
+                if wait_until is None:
+                    wait_until = time.monotonic() + self.wait_for_backend_s
+                    if deadline is not None:
+                        wait_until = min(wait_until, deadline)
+                await self._wait_for_healthy(wait_until)
                 backend = self._route(session_id, group_key)
                 continue
             backend.in_flight += 1
@@ -291,21 +295,22 @@ class Router:
         self._healthy = [b for b in self.backends if b.healthy]
         self._up.set()
 
-    async def _wait_for_healthy(self, deadline: float) -> None:
+    async def _wait_for_healthy(self, wait_until: float) -> None:
         """Wait (bounded) until some backend is healthy; else raise NoHealthyBackend."""
+        started = time.monotonic()
         while not self._healthy:
-            remaining = deadline - time.monotonic()
+            remaining = wait_until - time.monotonic()
             if remaining <= 0 or self._closed:
-                raise NoHealthyBackend(self._no_healthy_message())
+                raise NoHealthyBackend(self._no_healthy_message(time.monotonic() - started))
             try:
                 async with asyncio.timeout(remaining):
                     await self._up.wait()
             except TimeoutError:
-                raise NoHealthyBackend(self._no_healthy_message()) from None
+                raise NoHealthyBackend(self._no_healthy_message(time.monotonic() - started)) from None
 
-    def _no_healthy_message(self) -> str:
+    def _no_healthy_message(self, waited_s: float) -> str:
         lines = "; ".join(f"{b.url}: {b.why_down()}" for b in self.backends)
-        return f"no healthy backend after waiting {self.wait_for_backend_s:g}s: {lines}"
+        return f"no healthy backend after waiting {waited_s:.1f}s: {lines}"
 
     # -- introspection and shutdown -----------------------------------------------------------
 

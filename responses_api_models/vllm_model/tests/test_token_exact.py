@@ -355,6 +355,9 @@ def test_a_paused_backend_that_stops_answering_its_probes_still_ends_the_turn_at
     thread, answer = in_background(g.url("policy_model") + "/v1/responses", LONG_TURN)
     wait_until(lambda: running(backend), 20, "a generation running", interval=0.02)
     assert http_json(g.url("policy_model") + "/pause?mode=abort", {}, timeout=10)[0] == 200
+    # The adapter has the aborted generation back once it asks whether the backend serves again
+    # (the pause's answer can come before the aborted generate's).
+    wait_until(lambda: backend.stats()["is_paused"] >= 1, 10, "the adapter asking /is_paused", interval=0.01)
     backend.proc.send_signal(signal.SIGSTOP)  # paused, then frozen: every probe times out
     try:
         thread.join(20)
@@ -363,6 +366,23 @@ def test_a_paused_backend_that_stops_answering_its_probes_still_ends_the_turn_at
     assert answer.get("status") == 503 and answer["body"]["error"]["type"] == "upstream_paused", answer
     assert 2.5 <= answer["s"] < 5, answer["s"]  # timeout_s=3 from the turn's start
     assert backend.stats()["generate"] == generated + 1  # never sent again into the paused engine
+
+
+def test_a_backend_frozen_mid_generation_ends_the_turn_at_its_deadline(graph, standins):
+    """The only backend freezes under a generation: the call times out at the turn's deadline, the
+    backend is marked down, and the wait for a healthy one ends at that deadline too (not
+    wait_for_backend_s, 30 s, later)."""
+    backend, = standins(1, "--per-token-ms", "40")
+    g = graph([TRAINING, WEATHER], env=weather_env([backend]), args=[f"{TIMEOUT_S}=3"])
+    thread, answer = in_background(g.url("policy_model") + "/v1/responses", LONG_TURN)
+    wait_until(lambda: running(backend), 20, "a generation running", interval=0.02)
+    backend.proc.send_signal(signal.SIGSTOP)
+    try:
+        thread.join(20)
+    finally:
+        backend.proc.send_signal(signal.SIGCONT)
+    assert answer.get("status") == 503 and answer["body"]["error"]["type"] == "upstream_unavailable", answer
+    assert answer["s"] < 5, answer["s"]  # timeout_s=3 from the turn's start
 
 
 def run_rollouts(g, n: int, concurrency: int) -> list[tuple[int, dict]]:
