@@ -40,7 +40,7 @@ class RoutingSettings:
     health_timeout_s: float = 2  # a /health slower than this is a failed check
     health_failures: int = 3  # failed checks in a row: down, its requests in flight re-issued elsewhere
     probe_interval_s: float = 0.5  # a backend marked down is probed on /health this often
-    wait_for_backend_s: float = 30  # with every backend down, a request waits this long for one
+    wait_for_backend_s: float = 30  # with every backend down, a request waits this long for one (a turn: not past its timeout_s)
     # Malformed answers (not HTTP, not JSON, no `choices`, over max_answer_bytes) in a row that mark a
     # backend down (never the last healthy one); its request is retried on another backend.
     malformed_answers: int = 3
