@@ -287,7 +287,7 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
     nonce = uuid.uuid4().hex[:12]
     requests = [{"input": [{"role": "system", "content": f"[{nonce}-{i}] Write a long story."},
                            {"role": "user", "content": f"Tell me story number {i}."}],
-                 "temperature": 0.0, "max_output_tokens": 1200} for i in range(4)]
+                 "temperature": 0.0, "max_output_tokens": 400} for i in range(4)]
     url = g.url("policy_model") + "/v1/responses"
     uninterrupted = []
     for body in requests:  # one at a time: the reference token counts
