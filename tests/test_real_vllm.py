@@ -8,20 +8,22 @@ prefix-cache block with any other rollout: the cache hits a rollout gets come fr
 earlier turns on the same server.
 
 Server 0 runs with vLLM's token-in/token-out API (`--enable-scale-out`) and RL pause API
-(`VLLM_SERVER_DEV_MODE=1`), as a trainer runs it; server 1 is a stock server without them (the
-token-exact preflight must refuse it).
+(`VLLM_SERVER_DEV_MODE=1`), as a trainer runs it, and with `/load` (the pause test watches it);
+server 1 is a stock server without them (the token-exact preflight must refuse it).
 
 Skipped only when the real vLLM cannot be installed (scripts/real_vllm/install.sh).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 import time
 import urllib.request
 import uuid
 
+import psutil
 import pytest
 
 from nemo_gym_cli.testing.harness import VLLM_MODEL, WEATHER, free_port, http_json, metric_total, run_cli, wait_until
@@ -40,7 +42,9 @@ WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Curre
                                "required": ["city"], "additionalProperties": False},
                 "strict": True}
 CITIES = ["Paris", "Tokyo", "Berlin", "Lima", "Oslo", "Cairo", "Quito", "Perth"]
-SCALE_OUT = (["--enable-scale-out"], {"VLLM_SERVER_DEV_MODE": "1"})
+# --enable-server-load-tracking: GET /load counts the generate calls vLLM's API server has under way
+SCALE_OUT = (["--enable-scale-out", "--enable-server-load-tracking"], {"VLLM_SERVER_DEV_MODE": "1"})
+SLICE_S = 0.02  # how long the stopped EngineCore runs between two looks (a few steps of about 5 ms)
 COUNTERS = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total")
 
 
@@ -259,39 +263,56 @@ def post_root(srv, path: str) -> dict:
         return json.loads(r.read())
 
 
-def freeze_mid_generation(srv, n: int, tokens_before: float, timeout: float) -> float:
-    """With vLLM frozen (/pause?mode=keep), let it run in short steps until a look finds n requests
-    running at once, past their first token; return the tokens generated, with it frozen there.
-    It looks only while frozen, and runs between looks just for a /resume and a /pause sent back to
-    back: under load one /metrics scrape can take longer than a whole generation of this tiny
-    model, so a poll of a running engine could miss the moment. (vLLM's gauges and counters are
-    its last step's: they hold still while frozen.)"""
+def engine_core(srv) -> psutil.Process:
+    """vLLM's EngineCore process (it titles itself so): the one that schedules and steps the model."""
+    [core] = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+    return core
+
+
+def freeze_mid_generation(srv, core: psutil.Process, n: int, tokens_before: float, timeout: float) -> float:
+    """With vLLM's EngineCore stopped (SIGSTOP), wait until vLLM's API server has all n generate
+    calls, then let the engine run in slices of SLICE_S (SIGCONT, SIGSTOP) until a look finds the n
+    running at once, past their first token; return the tokens generated, with it stopped there.
+    It looks only while stopped: under load one /metrics scrape, or one HTTP round trip to /resume
+    and /pause, can take longer than a whole generation of this tiny model, while two signals from
+    this process are microseconds apart. (vLLM's gauges and counters are its last step's: they hold
+    still while it is stopped.)"""
+    def arrived() -> bool:
+        with urllib.request.urlopen(srv.base_url + "/load", timeout=10) as r:
+            return json.loads(r.read())["server_load"] >= n
+
     def under_way() -> float | None:
         metrics = srv.metrics_text()
         generated = metric_total(metrics, "vllm:generation_tokens_total") - tokens_before
         if metric_total(metrics, "vllm:num_requests_running") >= n and generated > n:
             return generated
-        assert post_root(srv, "/resume") == {"status": "resumed"}
-        assert post_root(srv, "/pause?mode=keep") == {"status": "paused"}
+        core.resume()
+        time.sleep(SLICE_S)  # how long it runs, not a readiness guess
+        core.suspend()
         return None
 
-    return wait_until(under_way, timeout, f"{n} generations under way at once", interval=0.05)
+    wait_until(arrived, timeout, f"vLLM's API server to have the {n} generate calls")
+    return wait_until(under_way, timeout, f"{n} generations under way at once", interval=0)
 
 
 def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllms, graph):
-    """/pause?mode=abort sent to vLLM itself while 4 long generations are under way (frozen there
-    with mode=keep: see freeze_mid_generation), then /resume: every turn comes back whole, with as
+    """/pause?mode=abort sent to vLLM itself while 4 long generations are under way (stopped there:
+    see freeze_mid_generation), then /resume: every turn comes back whole, with as
     many tokens as the same request uninterrupted."""
     srv = vllms[0]
     g = graph([TRAINING_MODEL, WEATHER], env=env_for([srv]), timeout=120)
     nonce = uuid.uuid4().hex[:12]
     requests = [{"input": [{"role": "system", "content": f"[{nonce}-{i}] Write a long story."},
                            {"role": "user", "content": f"Tell me story number {i}."}],
-                 "temperature": 0.0, "max_output_tokens": 400} for i in range(4)]
+                 "temperature": 0.0, "max_output_tokens": 1200} for i in range(4)]
     url = g.url("policy_model") + "/v1/responses"
+    # The reference token counts, the 4 at once as in the paused run (a batch of 4 costs this tiny
+    # model about what one request does). 1,200 tokens: under load one slice of
+    # freeze_mid_generation has run some 320 steps.
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        references = list(pool.map(lambda body: http_json(url, body, timeout=300), requests))
     uninterrupted = []
-    for body in requests:  # one at a time: the reference token counts
-        status, response = http_json(url, body, timeout=120)
+    for status, response in references:
         assert status == 200, response
         uninterrupted.append(response["output"][-1]["generation_token_ids"])
 
@@ -304,13 +325,20 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
         results[i] = http_json(url, requests[i], timeout=300)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
-    assert post_root(srv, "/pause?mode=keep") == {"status": "paused"}  # they arrive at a frozen engine
-    for t in threads:
-        t.start()
-    generated = freeze_mid_generation(srv, len(requests), tokens_before, 60)
-    total = sum(len(reference) for reference in uninterrupted)
-    assert len(requests) <= generated < total, (generated, total)  # all under way, none finished
-    assert post_root(srv, "/pause?mode=abort") == {"status": "paused"}
+    core = engine_core(srv)
+    core.suspend()  # they arrive at a stopped engine
+    try:
+        for t in threads:
+            t.start()
+        generated = freeze_mid_generation(srv, core, len(requests), tokens_before, 60)
+        total = sum(len(reference) for reference in uninterrupted)
+        assert len(requests) <= generated < total, (generated, total)  # all under way, none finished
+        # Sent while it is stopped: the engine takes it once running again, as soon as vLLM's API server passes it on.
+        pause = concurrent.futures.ThreadPoolExecutor(1).submit(post_root, srv, "/pause?mode=abort")
+    finally:
+        core.resume()
+    assert pause.result(30) == {"status": "paused"}
+    at_abort = metric_total(srv.metrics_text(), "vllm:generation_tokens_total") - tokens_before
     assert json.loads(urllib.request.urlopen(srv.base_url + "/is_paused", timeout=10).read()) == {"is_paused": True}
     status, view = http_json(g.url("policy_model") + "/backends")
     assert view["backends"][0]["paused"] is True and view["backends"][0]["healthy"], view  # paused is not down
@@ -329,7 +357,8 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
         assert last["weight_versions"][-1]["end"] == len(reference)
         whole += 1
         same += last["generation_token_ids"] == reference
-    print(f"\npause(abort) mid-generation ({generated:g} of {total} tokens generated): {aborted} "
+    print(f"\npause(abort) mid-generation ({generated:g} of {total} tokens generated at the last look, {at_abort:g} at "
+          f"the abort): {aborted} "
           f"generations aborted and continued; {whole}/{len(requests)} "
           f"turns whole; {same}/{len(requests)} token-identical to the uninterrupted run; tokens (paused, uninterrupted): "
           f"{tokens}")
