@@ -308,7 +308,7 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
     url = g.url("policy_model") + "/v1/responses"
     # The reference token counts, the 4 at once as in the paused run (a batch of 4 costs this tiny
     # model about what one request does). 1,200 tokens: under load one slice of
-    # freeze_mid_generation has run some 320 steps.
+    # freeze_mid_generation has run up to some 370 steps.
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         references = list(pool.map(lambda body: http_json(url, body, timeout=300), requests))
     uninterrupted = []
