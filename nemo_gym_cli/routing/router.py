@@ -129,16 +129,17 @@ class Router:
         if not self._started:
             self.start()
         backend = self._route(session_id, group_key)
-        wait_until = None
+        waiting_since = wait_until = None  # the first time every backend was down, and until when to wait
         failovers = 0
         task = asyncio.current_task()
         while True:
             if backend is None:
-                if wait_until is None:
-                    wait_until = time.monotonic() + self.wait_for_backend_s
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    wait_until = waiting_since + self.wait_for_backend_s
                     if deadline is not None:
                         wait_until = min(wait_until, deadline)
-                await self._wait_for_healthy(wait_until)
+                await self._wait_for_healthy(waiting_since, wait_until)
                 backend = self._route(session_id, group_key)
                 continue
             backend.in_flight += 1
@@ -295,18 +296,18 @@ class Router:
         self._healthy = [b for b in self.backends if b.healthy]
         self._up.set()
 
-    async def _wait_for_healthy(self, wait_until: float) -> None:
-        """Wait (bounded) until some backend is healthy; else raise NoHealthyBackend."""
-        started = time.monotonic()
+    async def _wait_for_healthy(self, waiting_since: float, wait_until: float) -> None:
+        """Wait (bounded) until some backend is healthy; else raise NoHealthyBackend, saying how long
+        the call has waited since `waiting_since` (it may have waited, and lost its pick, before)."""
         while not self._healthy:
             remaining = wait_until - time.monotonic()
             if remaining <= 0 or self._closed:
-                raise NoHealthyBackend(self._no_healthy_message(time.monotonic() - started))
+                raise NoHealthyBackend(self._no_healthy_message(time.monotonic() - waiting_since))
             try:
                 async with asyncio.timeout(remaining):
                     await self._up.wait()
             except TimeoutError:
-                raise NoHealthyBackend(self._no_healthy_message(time.monotonic() - started)) from None
+                raise NoHealthyBackend(self._no_healthy_message(time.monotonic() - waiting_since)) from None
 
     def _no_healthy_message(self, waited_s: float) -> str:
         lines = "; ".join(f"{b.url}: {b.why_down()}" for b in self.backends)
