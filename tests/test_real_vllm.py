@@ -278,8 +278,9 @@ def freeze_mid_generation(srv, core: psutil.Process, n: int, tokens_before: floa
     this process are microseconds apart. (vLLM's gauges and counters are its last step's: they hold
     still while it is stopped.)"""
     def arrived() -> bool:
-        with urllib.request.urlopen(srv.base_url + "/load", timeout=10) as r:
-            return json.loads(r.read())["server_load"] >= n
+        status, load = http_json(srv.base_url + "/load")
+        assert status == 200, load
+        return load["server_load"] >= n
 
     def under_way() -> float | None:
         metrics = srv.metrics_text()
@@ -327,17 +328,18 @@ def test_a_pause_with_abort_in_the_middle_of_generations_cuts_no_turn_short(vllm
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
     core = engine_core(srv)
     core.suspend()  # they arrive at a stopped engine
-    try:
-        for t in threads:
-            t.start()
-        generated = freeze_mid_generation(srv, core, len(requests), tokens_before, 60)
-        total = sum(len(reference) for reference in uninterrupted)
-        assert len(requests) <= generated < total, (generated, total)  # all under way, none finished
-        # Sent while it is stopped: the engine takes it once running again, as soon as vLLM's API server passes it on.
-        pause = concurrent.futures.ThreadPoolExecutor(1).submit(post_root, srv, "/pause?mode=abort")
-    finally:
-        core.resume()
-    assert pause.result(30) == {"status": "paused"}
+    with concurrent.futures.ThreadPoolExecutor(1) as pauser:
+        try:
+            for t in threads:
+                t.start()
+            generated = freeze_mid_generation(srv, core, len(requests), tokens_before, 60)
+            total = sum(len(reference) for reference in uninterrupted)
+            assert len(requests) <= generated < total, (generated, total)  # all under way, none finished
+            # Sent while it is stopped: the engine takes it once running again, as soon as vLLM's API server passes it on.
+            pause = pauser.submit(post_root, srv, "/pause?mode=abort")
+        finally:
+            core.resume()
+        assert pause.result(30) == {"status": "paused"}
     at_abort = metric_total(srv.metrics_text(), "vllm:generation_tokens_total") - tokens_before
     assert json.loads(urllib.request.urlopen(srv.base_url + "/is_paused", timeout=10).read()) == {"is_paused": True}
     status, view = http_json(g.url("policy_model") + "/backends")
